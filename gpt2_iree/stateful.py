@@ -1,0 +1,175 @@
+"""Pure JAX functions -> one IREE module whose state lives in globals.
+
+iree-jax's `Program` API no longer runs on current JAX, and this is all of it
+that we need: each entry point is lowered by `jax.jit(...).lower()` to
+StableHLO text, its functions are renamed `<entry>$<name>` (JAX's private
+helpers such as `@_where` collide across entries), and a public wrapper per
+entry loads the state it reads from `util.global`s, calls the lowered body and
+stores the state it writes. Parameters are globals initialised from a named
+parameter archive (`#flow.parameter.named<"model"::"key">`), so the weights
+ship in a `.irpa` beside the module instead of inside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+PARAMETER_SCOPE = "model"
+
+_MLIR_TYPES = {
+    np.dtype("float32"): "f32",
+    np.dtype("float16"): "f16",
+    np.dtype("int32"): "i32",
+    np.dtype("int64"): "i64",
+    np.dtype("bool"): "i1",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """A public function of the module.
+
+    `fn(*read_groups, *args)` returns `(written_groups, result)`: `read_groups`
+    are the state groups named in `reads`, in order; `written_groups` is a tuple
+    with one pytree per name in `writes`, shaped like that group's state.
+    """
+
+    name: str
+    fn: Callable[..., tuple[tuple, Any]]
+    args: tuple = ()
+    reads: tuple[str, ...] = ()
+    writes: tuple[str, ...] = ()
+
+
+def tensor_type(x) -> str:
+    dims = "".join(f"{d}x" for d in x.shape)
+    return f"tensor<{dims}{_MLIR_TYPES[np.dtype(x.dtype)]}>"
+
+
+def _global_name(group: str, path) -> str:
+    return re.sub(r"[^A-Za-z0-9_]+", "_", f"{group}{jax.tree_util.keystr(path)}").strip("_")
+
+
+def _splat(value) -> str:
+    """The `dense<...>` initialiser of a state leaf; state starts uniform (zeros)."""
+    flat = np.asarray(value).reshape(-1)
+    if flat.size and not np.all(flat == flat[0]):
+        raise ValueError("non-parameter state must start as a splat (all elements equal)")
+    first = flat[0] if flat.size else 0
+    if flat.dtype == np.bool_:
+        return "dense<true>" if first else "dense<false>"
+    if np.issubdtype(flat.dtype, np.floating):
+        return f"dense<{float(first)!r}>"
+    return f"dense<{int(first)}>"
+
+
+def _lower(entry: Entry, state: dict) -> tuple[str, list, list]:
+    """Lower one entry to StableHLO text -> (text, input leaves, output leaves)."""
+    read_trees = [state[g] for g in entry.reads]
+    read_leaves, read_def = jax.tree.flatten(read_trees)
+    arg_leaves, arg_def = jax.tree.flatten(entry.args)
+
+    out_shapes = {}
+
+    def flat_fn(*leaves):
+        groups = jax.tree.unflatten(read_def, leaves[: len(read_leaves)])
+        args = jax.tree.unflatten(arg_def, leaves[len(read_leaves):])
+        written, result = entry.fn(*groups, *args)
+        for name, tree in zip(entry.writes, written, strict=True):
+            if jax.tree.structure(tree) != jax.tree.structure(state[name]):
+                raise ValueError(f"entry {entry.name!r} writes {name!r} with a different structure")
+        out_shapes["result"] = result
+        return jax.tree.leaves(written) + jax.tree.leaves(result)
+
+    avals = [jax.ShapeDtypeStruct(np.shape(x), x.dtype) for x in read_leaves + arg_leaves]
+    text = jax.jit(flat_fn, keep_unused=True).lower(*avals).as_text()
+    result_leaves = jax.tree.leaves(out_shapes["result"])
+    return text, avals, result_leaves
+
+
+def _rename_into(text: str, prefix: str, ctx) -> list[str]:
+    """Parse lowered text, prefix every function name, make `main` private and
+    strip JAX's argument/result attributes; return the functions as text."""
+    from iree.compiler import ir
+
+    module = ir.Module.parse(text, ctx)
+    funcs = list(module.body.operations)
+    for op in funcs:
+        old = ir.StringAttr(op.attributes["sym_name"]).value
+        new = f"{prefix}${old}"
+        ir.SymbolTable.replace_all_symbol_uses(old, new, module.operation)
+        ir.SymbolTable.set_symbol_name(op, new)
+        ir.SymbolTable.set_visibility(op, "private")
+        for attr in ("arg_attrs", "res_attrs"):
+            if attr in op.attributes:
+                del op.attributes[attr]
+    return [str(op) for op in funcs]
+
+
+def build_module(module_name: str, state: dict[str, Any], param_group: str, entries: list[Entry]) -> str:
+    """The MLIR text of one module holding `state` as globals and `entries` as functions.
+
+    `state` maps group name -> pytree of initial values. The group named
+    `param_group` must be a flat dict; its globals are read from the parameter
+    archive under the dict's keys. Every other group starts as the splat of its
+    initial values (the KV cache and optimizer state start at zero).
+    """
+    from iree.compiler import ir
+
+    globals_ = {}  # group -> [(global name, leaf)]
+    lines = [f"module @{module_name} {{"]
+    for group, tree in state.items():
+        leaves_with_paths = jax.tree_util.tree_flatten_with_path(tree)[0]
+        globals_[group] = []
+        for path, leaf in leaves_with_paths:
+            name = _global_name(group, path)
+            if group == param_group:
+                init = f'#flow.parameter.named<"{PARAMETER_SCOPE}"::"{path[0].key}">'
+            else:
+                init = _splat(leaf)
+            lines.append(f"  util.global private mutable @{name} = {init} : {tensor_type(leaf)}")
+            globals_[group].append((name, leaf))
+
+    ctx = ir.Context()
+    bodies = []
+    for entry in entries:
+        text, in_avals, result_leaves = _lower(entry, state)
+        bodies += _rename_into(text, entry.name, ctx)
+        lines += _wrapper(entry, globals_, in_avals, result_leaves)
+    lines += bodies
+    lines.append("}")
+    module_text = "\n".join(lines) + "\n"
+    ir.Module.parse(module_text, ctx)  # fail here, with MLIR's message, not in iree-compile
+    return module_text
+
+
+def _wrapper(entry: Entry, globals_: dict, in_avals: list, result_leaves: list) -> list[str]:
+    """The public function: load read globals, call the body, store written globals."""
+    reads = [g for group in entry.reads for g in globals_[group]]
+    writes = [g for group in entry.writes for g in globals_[group]]
+    arg_avals = in_avals[len(reads):]
+    args = [f"%arg{i}: {tensor_type(a)}" for i, a in enumerate(arg_avals)]
+    results = ", ".join(tensor_type(r) for r in result_leaves)
+    out = [f"  func.func @{entry.name}({', '.join(args)}) -> ({results}) {{"]
+    operands = []
+    for i, (name, leaf) in enumerate(reads):
+        out.append(f"    %s{i} = util.global.load @{name} : {tensor_type(leaf)}")
+        operands.append(f"%s{i}")
+    operands += [f"%arg{i}" for i in range(len(arg_avals))]
+    in_types = ", ".join(tensor_type(a) for a in in_avals)
+    out_types = [tensor_type(leaf) for _, leaf in writes] + [tensor_type(r) for r in result_leaves]
+    n_out = len(out_types)
+    call = f"call @{entry.name}$main({', '.join(operands)}) : ({in_types}) -> ({', '.join(out_types)})"
+    out.append(f"    %r:{n_out} = {call}" if n_out > 1 else f"    %r = {call}")
+    ref = (lambda i: f"%r#{i}") if n_out > 1 else (lambda i: "%r")
+    for i, (name, leaf) in enumerate(writes):
+        out.append(f"    util.global.store {ref(i)}, @{name} : {tensor_type(leaf)}")
+    returned = [ref(len(writes) + i) for i in range(len(result_leaves))]
+    out.append(f"    return {', '.join(returned)} : {results}" if returned else "    return")
+    out.append("  }")
+    return out

@@ -1,0 +1,162 @@
+"""doit vars -> one validated, frozen BuildConfig that names every path.
+
+Every value is checked when the graph is loaded, before any task runs, and a
+bad one stops doit with the value and the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+
+from doit import doit_cmd
+from doit.exceptions import InvalidCommand
+
+import gpt2_iree
+from gpt2_iree import models
+from gpt2_iree.targets import TARGETS
+
+# Relative to the working directory, which doit sets to the dodo.py's folder
+# (the repo root); tests run the graph from a temporary directory instead.
+BUILD = Path("build")
+ASSETS = Path("assets")
+TOOLCHAIN_JSON = BUILD / "toolchain.json"
+LIBRARY = Path(gpt2_iree.__file__).resolve().parent
+WEIGHTS = ("pretrained", "random")
+OPTIMIZERS = ("adafactor", "sgd", "adamw")  # gpt2_iree.model.OPTIMIZERS, without importing jax
+DEFAULT_TARGETS = ("metal", "ios", "cpu")
+MAX_SEQ_LEN = 1024
+
+# name -> (default, one-line help); `doit help` users read this table too.
+VARS = {
+    "model": ("gpt2", f"{' | '.join(models.MODEL_NAMES)} | a local Hugging Face GPT-2 directory"),
+    "weights": ("pretrained", " | ".join(WEIGHTS)),
+    "targets": (",".join(DEFAULT_TARGETS), f"comma list of {', '.join(TARGETS)}"),
+    "batch": ("1", "batch size"),
+    "prompt_len": ("8", "prompt tokens per row (encode's K)"),
+    "seq_len": ("64", f"KV cache and fine-tuning length (S), at most {MAX_SEQ_LEN}"),
+    "optimizer": ("adafactor", " | ".join(OPTIMIZERS)),
+    "hf_endpoint": ("", "Hugging Face mirror URL (or env GPT2_IREE_HF_ENDPOINT)"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildConfig:
+    model: str               # a name from models.MODEL_NAMES, or a directory path
+    weights: str
+    targets: tuple[str, ...]
+    batch: int
+    prompt_len: int
+    seq_len: int
+    optimizer: str
+    hf_endpoint: str | None
+
+    @property
+    def hub(self) -> models.HubModel | None:
+        return models.HUB_MODELS.get(self.model)
+
+    @property
+    def is_local_dir(self) -> bool:
+        return self.model not in models.MODEL_NAMES
+
+    @property
+    def model_key(self) -> str:
+        """A directory name for the model: its name, or a local dir's name and path hash."""
+        if not self.is_local_dir:
+            return self.model
+        path = str(Path(self.model).resolve())
+        return f"local-{Path(path).name}-{hashlib.sha256(path.encode()).hexdigest()[:8]}"
+
+    @property
+    def needs_assets(self) -> bool:
+        """Random weights of a Hub model need nothing downloaded."""
+        return not (self.hub and self.weights == "random")
+
+    @property
+    def model_dir(self) -> Path:
+        """Where config.json, model.safetensors and tokenizer.json are."""
+        if self.is_local_dir:
+            return Path(self.model).resolve()
+        return ASSETS / self.model
+
+    @property
+    def assets_lock(self) -> Path:
+        """The small file that stands for the (big) model files downstream.
+        A local directory is the user's: its lock lives in build/, not there."""
+        if self.is_local_dir:
+            return BUILD / self.model_key / "assets.lock.json"
+        return self.model_dir / "assets.lock.json"
+
+    @property
+    def config_key(self) -> str:
+        return f"{self.weights}-b{self.batch}-k{self.prompt_len}-s{self.seq_len}-{self.optimizer}"
+
+    @property
+    def build_dir(self) -> Path:
+        return BUILD / self.model_key / self.config_key
+
+    def shapes(self) -> dict:
+        return {"batch": self.batch, "prompt_len": self.prompt_len, "seq_len": self.seq_len}
+
+
+def _positive_int(name: str, text: str, maximum: int | None = None) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1 or (maximum is not None and value > maximum):
+        bound = f"1..{maximum}" if maximum else "a positive integer"
+        raise ValueError(f"{name}={text!r} is invalid; valid: {bound}")
+    return value
+
+
+def _choice(name: str, value: str, valid) -> str:
+    if value not in valid:
+        raise ValueError(f"{name}={value!r} is invalid; valid: {', '.join(valid)}")
+    return value
+
+
+def parse_config(raw: dict[str, str]) -> BuildConfig:
+    """Validate raw var strings (defaults filled in) into a BuildConfig; ValueError if bad."""
+    unknown = sorted(set(raw) - set(VARS))
+    if unknown:
+        raise ValueError(f"unknown doit var {', '.join(unknown)}; valid: {', '.join(VARS)}")
+    values = {name: raw.get(name, default) for name, (default, _) in VARS.items()}
+    model = values["model"]
+    if model not in models.MODEL_NAMES:
+        models.check_model_dir(Path(model))
+    targets = tuple(t.strip() for t in values["targets"].split(",") if t.strip())
+    if not targets:
+        raise ValueError(f"targets={values['targets']!r} names no target; valid: {', '.join(TARGETS)}")
+    for target in targets:
+        _choice("targets", target, TARGETS)
+    prompt_len = _positive_int("prompt_len", values["prompt_len"], MAX_SEQ_LEN)
+    seq_len = _positive_int("seq_len", values["seq_len"], MAX_SEQ_LEN)
+    if prompt_len > seq_len:
+        raise ValueError(f"prompt_len={prompt_len} is longer than seq_len={seq_len}; valid: prompt_len <= seq_len")
+    if model in models.HUB_MODELS and seq_len > models.HUB_MODELS[model].n_positions:
+        raise ValueError(f"seq_len={seq_len} exceeds {model}'s {models.HUB_MODELS[model].n_positions} positions")
+    if model == models.TINY and seq_len > models.TINY_SHAPE["n_positions"]:
+        raise ValueError(f"seq_len={seq_len} exceeds tiny's {models.TINY_SHAPE['n_positions']} positions")
+    return BuildConfig(
+        model=model,
+        weights=_choice("weights", values["weights"], WEIGHTS),
+        targets=tuple(dict.fromkeys(targets)),
+        batch=_positive_int("batch", values["batch"]),
+        prompt_len=prompt_len,
+        seq_len=seq_len,
+        optimizer=_choice("optimizer", values["optimizer"], OPTIMIZERS),
+        hf_endpoint=values["hf_endpoint"] or None,
+    )
+
+
+def load_config() -> BuildConfig:
+    """The BuildConfig of this doit run's command-line vars."""
+    # doit keeps every `name=value` of the command line here; reading them all
+    # (not only the names we know) is what lets a typo such as `modle=` fail.
+    raw = dict(doit_cmd._CMDLINE_VARS or {})
+    try:
+        return parse_config(raw)
+    except ValueError as err:
+        raise InvalidCommand(str(err)) from None

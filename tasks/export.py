@@ -1,0 +1,25 @@
+"""export: GPT-2 in JAX -> one stateful module (gpt2.mlir) + its weights (gpt2.irpa)."""
+
+from doit.tools import config_changed
+
+from tasks.actions import call, remove_outputs
+from tasks.config import LIBRARY, TOOLCHAIN_JSON, load_config
+
+# The library code whose output this stage writes: a change re-exports.
+SOURCES = [LIBRARY / f for f in ("model.py", "stateful.py", "export.py", "weights.py")]
+OUTPUTS = ("gpt2.mlir", "gpt2.irpa", "manifest.json")
+
+
+def task_export():
+    """gpt2.mlir (encode, decode, finetune, get/set_params) + gpt2.irpa + manifest.json"""
+    cfg = load_config()
+    return {
+        "actions": [call("gpt2_iree.export:build", cfg.build_dir, cfg.model,
+                         cfg.model_dir if cfg.needs_assets else None, cfg.weights,
+                         cfg.hub.shape() if cfg.hub else None, cfg.shapes(), cfg.optimizer)],
+        "file_dep": [*SOURCES, TOOLCHAIN_JSON, *([cfg.assets_lock] if cfg.needs_assets else [])],
+        "targets": [cfg.build_dir / f for f in OUTPUTS],
+        "uptodate": [config_changed({"model": cfg.model, "revision": cfg.hub and cfg.hub.revision,
+                                     "weights": cfg.weights, "shapes": cfg.shapes(), "optimizer": cfg.optimizer})],
+        "clean": [(remove_outputs, [cfg.build_dir, [*OUTPUTS, "tokenizer.json"]])],
+    }

@@ -1,0 +1,22 @@
+"""verify:<target>: the compiled module against the JAX reference, on the same weights."""
+
+from tasks.actions import call, remove_outputs
+from tasks.config import LIBRARY, load_config
+
+SOURCES = [LIBRARY / f for f in ("verify.py", "runtime.py", "model.py")]
+
+
+def task_verify():
+    """Parity with JAX where this host runs the target (cpu here), else a structural check"""
+    cfg = load_config()
+    for name in cfg.targets:
+        report = cfg.build_dir / f"verify-{name}.json"
+        yield {
+            "name": name,
+            "doc": f"verify gpt2-{name}.vmfb -> verify-{name}.json",
+            "actions": [call("gpt2_iree.verify:verify_build", cfg.build_dir, name, report)],
+            "file_dep": [cfg.build_dir / f"gpt2-{name}.vmfb", cfg.build_dir / "manifest.json", *SOURCES],
+            "targets": [report],
+            "clean": [(remove_outputs, [cfg.build_dir, [report.name]])],
+            "verbosity": 2,  # the parity summary
+        }
