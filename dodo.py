@@ -6,15 +6,18 @@ tasks/config.py lists every var, its default and its valid values.
 
 from tasks.assets import task_assets  # noqa: F401
 from tasks.compile import task_compile  # noqa: F401
+from tasks.config import load_config
 from tasks.export import task_export  # noqa: F401
 from tasks.toolchain import task_toolchain  # noqa: F401
 from tasks.verify import task_verify  # noqa: F401
 
+_state = load_config().state_file
+_state.parent.mkdir(parents=True, exist_ok=True)
+
 DOIT_CONFIG = {
     "default_tasks": ["verify"],
     # sqlite3: two doit processes at once must not corrupt the state (dbm/json do).
-    # Kept beside dodo.py, not in build/, which `doit clean` empties.
     "backend": "sqlite3",
-    "dep_file": ".doit.db",
+    "dep_file": str(_state),
     "verbosity": 1,
 }

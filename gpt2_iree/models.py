@@ -40,6 +40,9 @@ TINY = "tiny"
 # Two layers, width 64, a byte-level vocabulary: the whole graph in seconds.
 TINY_SHAPE = {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 128, "vocab_size": 257}
 
+# What the tiny model's lock records as its source: a new shape regenerates it.
+TINY_SOURCE = f"generated: tiny {TINY_SHAPE}"
+
 MODEL_NAMES = (*HUB_MODELS, TINY)
 
 
@@ -77,7 +80,7 @@ def make_tiny_assets(dest_dir: Path, lock_path: Path) -> None:
     from gpt2_iree.download import lock_local_files
 
     write_tiny_model(Path(dest_dir))
-    lock_local_files(dest_dir, list(MODEL_FILES), lock_path, source="generated: tiny")
+    lock_local_files(dest_dir, list(MODEL_FILES), lock_path, source=TINY_SOURCE)
 
 
 def lock_model_dir(model_dir: Path, lock_path: Path) -> None:

@@ -24,13 +24,13 @@ def _run(target: str, args: tuple, kwargs: dict):
     module, _, name = target.partition(":")
     # doit swaps sys.stderr for a capturing writer while an action runs; absl
     # (imported by jax) would keep that writer as its log stream and fail to
-    # close it at exit. It gets the real stderr.
+    # close it at exit. The action gets the real stderr, which also shows
+    # progress bars (downloads) as they move.
     with contextlib.redirect_stderr(sys.__stderr__):
-        function = getattr(importlib.import_module(module), name)
-    try:
-        function(*args, **kwargs)
-    except (Gpt2IreeError, ValueError) as err:
-        return TaskFailed(f"{type(err).__name__}: {err}")
+        try:
+            getattr(importlib.import_module(module), name)(*args, **kwargs)
+        except (Gpt2IreeError, ValueError) as err:
+            return TaskFailed(f"{type(err).__name__}: {err}")
     return None
 
 

@@ -21,6 +21,7 @@ from gpt2_iree.targets import TARGETS
 # (the repo root); tests run the graph from a temporary directory instead.
 BUILD = Path("build")
 ASSETS = Path("assets")
+STATE = Path(".doit")
 TOOLCHAIN_JSON = BUILD / "toolchain.json"
 LIBRARY = Path(gpt2_iree.__file__).resolve().parent
 WEIGHTS = ("pretrained", "random")
@@ -95,6 +96,14 @@ class BuildConfig:
     @property
     def build_dir(self) -> Path:
         return BUILD / self.model_key / self.config_key
+
+    @property
+    def state_file(self) -> Path:
+        """doit's dependency database for this configuration. doit keeps state by
+        task name, so one shared database would see `export` of another config's
+        files as a change; one per configuration keeps every config up to date.
+        Outside build/, which `doit clean` empties."""
+        return STATE / self.model_key / f"{self.config_key}.sqlite3"
 
     def shapes(self) -> dict:
         return {"batch": self.batch, "prompt_len": self.prompt_len, "seq_len": self.seq_len}

@@ -1,0 +1,127 @@
+"""The doit graph, driven in-process on the tiny model from a temporary directory.
+
+One build is shared by the tests below, which run in file order: each asserts
+what a user relies on — a second run does nothing, a change re-runs only the
+stages downstream of it, `doit clean` leaves nothing behind.
+"""
+
+import importlib.util
+import inspect
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from doit.cmd_base import NamespaceTaskLoader
+from doit.doit_cmd import DoitMain
+
+import tasks.export
+from tasks.config import LIBRARY
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["model=tiny", "targets=cpu,metal"]
+BUILD = Path("build/tiny/pretrained-b1-k8-s64-adafactor")
+
+
+class DodoLoader(NamespaceTaskLoader):
+    """The repo's dodo.py, executed afresh when doit loads it, as `doit` does:
+    after the command line's vars are set, which its DOIT_CONFIG reads."""
+
+    def setup(self, opt_values):
+        spec = importlib.util.spec_from_file_location("dodo", REPO / "dodo.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        self.namespace = dict(inspect.getmembers(module))
+
+
+def doit_main(*args: str, **extra_config) -> int:
+    return DoitMain(DodoLoader(), config_filenames=(), extra_config=extra_config).run(list(args))
+
+
+def doit(*args: str) -> tuple[int, dict[str, str]]:
+    """Run doit; return its exit code and each task's result
+    ("success", "up-to-date", "fail")."""
+    out = io.StringIO()
+    code = doit_main("--reporter", "json", *args, run={"outfile": out})
+    report = json.loads(out.getvalue())
+    return code, {t["name"]: t["result"] for t in report["tasks"]}
+
+
+def ran(results: dict[str, str]) -> set[str]:
+    """The stages that ran (not the `compile`/`verify` groups, which have no action)."""
+    return {name for name, result in results.items() if result == "success"} - {"compile", "verify"}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A working directory for the whole module; the export stage's code is a
+    copy there, so that one test can edit it without touching the package."""
+    path = tmp_path_factory.mktemp("pipeline")
+    shutil.copy(LIBRARY / "model.py", path / "model_copy.py")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def in_workdir(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    sources = [workdir / "model_copy.py" if p.name == "model.py" else p for p in tasks.export.SOURCES]
+    monkeypatch.setattr(tasks.export, "SOURCES", sources)
+
+
+def test_first_run_builds_and_verifies_everything():
+    code, results = doit(*TINY)
+    assert code == 0, results
+    assert ran(results) == {"assets", "toolchain", "export", "compile:cpu", "compile:metal",
+                            "verify:cpu", "verify:metal"}
+    for name in ("gpt2.mlir", "gpt2.irpa", "manifest.json", "gpt2-cpu.vmfb", "gpt2-metal.vmfb"):
+        assert (BUILD / name).is_file(), name
+    cpu = json.loads((BUILD / "verify-cpu.json").read_text())
+    assert cpu["kind"] == "parity" and cpu["passed"] and cpu["tokens_equal"]
+    metal = json.loads((BUILD / "verify-metal.json").read_text())
+    assert metal["kind"] == "structure" and metal["passed"] and metal["checks"]["msl_source"]
+
+
+def test_second_run_is_all_up_to_date():
+    code, results = doit(*TINY)
+    assert code == 0
+    assert ran(results) == set(), results
+
+
+def test_a_new_target_compiles_only_that_target():
+    code, results = doit("model=tiny", "targets=cpu,metal,ios")
+    assert code == 0
+    assert ran(results) == {"compile:ios", "verify:ios"}
+
+
+def test_editing_export_code_reexports_but_not_assets():
+    with open("model_copy.py", "a") as f:
+        f.write("\n# an edit\n")
+    code, results = doit(*TINY)
+    assert code == 0
+    assert ran(results) == {"export"}
+    # The module it wrote is the same text, so nothing downstream recompiles.
+    assert results["compile:cpu"] == "up-to-date"
+
+
+def test_a_new_shape_rebuilds_downstream_of_assets_only():
+    code, results = doit("model=tiny", "targets=cpu", "seq_len=32")
+    assert code == 0
+    assert ran(results) == {"export", "compile:cpu", "verify:cpu"}
+    assert Path("build/tiny/pretrained-b1-k8-s32-adafactor/verify-cpu.json").is_file()
+    # Switching back finds the old outputs still up to date.
+    code, results = doit(*TINY)
+    assert ran(results) == set(), results
+
+
+def test_bad_var_fails_before_any_work(capsys):
+    code = doit_main("model=tiny", "targets=cpu,tpu")
+    assert code == 3
+    assert "targets='tpu' is invalid; valid: cpu, metal, ios, vulkan, cuda" in capsys.readouterr().err
+
+
+def test_clean_leaves_no_build_output():
+    for args in (["model=tiny", "targets=cpu", "seq_len=32"], ["model=tiny", "targets=cpu,metal,ios"]):
+        assert not doit_main("clean", *args)  # doit returns None on a clean without errors
+    leftovers = [str(p) for top in ("build", "assets") for p in Path(top).rglob("*")]
+    assert leftovers == [] and not Path("build").exists()
