@@ -99,15 +99,9 @@ def _conversions(cfg: GPT2Config) -> dict:
         conv |= {
             h + "ln_1.scale": (h + "ln_1.weight", (E,), same, same),
             h + "ln_1.bias": (h + "ln_1.bias", (E,), same, same),
-            # (E, [q|k|v] x H x Q) -> (3, H, Q, E)
-            h + "attn.qkv_w": (h + "attn.c_attn.weight", (E, 3 * E),
-                               lambda w: w.reshape(E, 3, H, Q).transpose(1, 2, 3, 0),
-                               lambda w: w.transpose(3, 0, 1, 2).reshape(E, 3 * E)),
-            h + "attn.qkv_b": (h + "attn.c_attn.bias", (3 * E,),
-                               lambda b: b.reshape(3, H, Q), lambda b: b.reshape(3 * E)),
-            # (H x Q, E) -> (E, H, Q)
-            h + "attn.out_w": (h + "attn.c_proj.weight", (E, E),
-                               lambda w: w.T.reshape(E, H, Q), lambda w: w.reshape(E, E).T),
+            h + "attn.qkv_w": (h + "attn.c_attn.weight", (E, 3 * E), t, t),
+            h + "attn.qkv_b": (h + "attn.c_attn.bias", (3 * E,), same, same),
+            h + "attn.out_w": (h + "attn.c_proj.weight", (E, E), t, t),
             h + "attn.out_b": (h + "attn.c_proj.bias", (E,), same, same),
             h + "ln_2.scale": (h + "ln_2.weight", (E,), same, same),
             h + "ln_2.bias": (h + "ln_2.bias", (E,), same, same),

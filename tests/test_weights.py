@@ -87,12 +87,13 @@ def test_projections_match_hf_layout():
 
     hf_qkv = x @ t["h.1.attn.c_attn.weight"] + t["h.1.attn.c_attn.bias"]
     hf_qkv = np.stack([a.reshape(2, 5, H, Q) for a in np.split(hf_qkv, 3, axis=-1)])
-    ours = np.einsum("bte,nhqe->nbthq", x, p["h.1.attn.qkv_w"]) + p["h.1.attn.qkv_b"][:, None, None]
+    qkv_w, qkv_b = p["h.1.attn.qkv_w"].reshape(3, H, Q, -1), p["h.1.attn.qkv_b"].reshape(3, H, Q)
+    ours = np.einsum("bte,nhqe->nbthq", x, qkv_w) + qkv_b[:, None, None]
     np.testing.assert_allclose(ours, hf_qkv, atol=1e-5)
 
     a = x.reshape(2, 5, H, Q)  # attention output, heads side by side as HF concatenates them
     hf_out = x @ t["h.1.attn.c_proj.weight"]
-    np.testing.assert_allclose(np.einsum("bthq,ehq->bte", a, p["h.1.attn.out_w"]), hf_out, atol=1e-5)
+    np.testing.assert_allclose(np.einsum("bthq,ehq->bte", a, p["h.1.attn.out_w"].reshape(-1, H, Q)), hf_out, atol=1e-5)
 
     hf_fc = x @ t["h.1.mlp.c_fc.weight"]
     np.testing.assert_allclose(np.einsum("bte,fe->btf", x, p["h.1.mlp.in_w"]), hf_fc, atol=1e-5)
