@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpt2_iree import model, stateful
+from gpt2_iree.archive import write_irpa
 
 MODULE_NAME = "gpt2"
 FUNCTIONS = ("encode", "decode", "finetune", "get_params", "set_params", "get_state")
@@ -73,28 +74,6 @@ def export_mlir(cfg: model.GPT2Config, shapes: model.Shapes, optimizer: str, par
     """The module's MLIR text. Only the shapes of `params` matter here."""
     state = initial_state(cfg, shapes, optimizer, params)
     return stateful.build_module(MODULE_NAME, state, "params", entries(cfg, shapes, optimizer, params))
-
-
-def write_irpa(params: dict, path: Path) -> None:
-    """Write the weights as an IREE parameter archive, atomically."""
-    import iree.runtime as rt
-
-    index = rt.ParameterIndex()
-    for name, value in params.items():
-        index.add_buffer(name, np.ascontiguousarray(np.asarray(value, np.float32)))
-    tmp = path.with_name(path.name + ".tmp")
-    index.create_archive_file(str(tmp))
-    os.replace(tmp, path)
-
-
-def read_irpa(path: Path) -> dict[str, np.ndarray]:
-    """The weights of a parameter archive as flat float32 arrays by key."""
-    import iree.runtime as rt
-
-    index = rt.ParameterIndex()
-    index.load(str(path))
-    return {key: rt.parameter_index_entry_as_numpy_flat_ndarray(entry).view(np.float32).copy()
-            for key, entry in index.items()}
 
 
 def write_text(path: Path, text: str) -> None:

@@ -21,7 +21,14 @@ from gpt2_iree.errors import Gpt2IreeError
 TOLERANCE = 1e-4
 DECODE_STEPS = 8
 FINETUNE_STEPS = 3
-LEARNING_RATE = 1e-3
+# Adafactor's first steps are close to sign(gradient) for weights it does not
+# factor (biases, layer norms), so an element whose gradient is at rounding
+# level moves by +-lr in one implementation and -+lr in the other. What that
+# does to the loss grows with the learning rate: on the 124M shape the loss
+# differed by 2.5e-5 relative at 1e-4, 7.6e-5 at 3e-4 and 3.0e-4 at 1e-3
+# (identical before the first step). 1e-4 still moves the 124M loss by ~0.11
+# a step, a thousand times the tolerance.
+LEARNING_RATE = 1e-4
 
 
 class VerifyError(Gpt2IreeError):
@@ -45,14 +52,14 @@ def check_parity(module, seed: int = 0) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from gpt2_iree import export, model
+    from gpt2_iree import model
 
     manifest = module.manifest
     cfg = model.GPT2Config(**manifest["config"])
     shapes = model.Shapes(**manifest["shapes"])
     B, K, S = shapes.batch, shapes.prompt_len, shapes.seq_len
     params = {name: jnp.asarray(v.reshape(shape))
-              for (name, shape), v in zip(manifest["params"], _archive_in_order(module, export), strict=True)}
+              for (name, shape), v in zip(manifest["params"], _archive_in_order(module), strict=True)}
     rng = np.random.default_rng(seed)
 
     # Rows of different lengths exercise the padding paths of encode and decode.
@@ -116,8 +123,10 @@ def check_parity(module, seed: int = 0) -> dict:
     }
 
 
-def _archive_in_order(module, export) -> list[np.ndarray]:
-    weights = export.read_irpa(module.params_path)
+def _archive_in_order(module) -> list[np.ndarray]:
+    from gpt2_iree.archive import read_irpa
+
+    weights = read_irpa(module.params_path)
     return [weights[name] for name, _ in module.manifest["params"]]
 
 
