@@ -12,3 +12,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "network" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tmp_path_factory):
+    """A built tiny model (cpu and metal modules), made once per test session
+    with the same library calls the doit stages make."""
+    from gpt2_iree import compiler, export, models, targets, toolchain
+
+    root = tmp_path_factory.mktemp("tiny")
+    model_dir, build_dir = root / "assets", root / "build"
+    models.write_tiny_model(model_dir)
+    export.build(build_dir, "tiny", model_dir, "pretrained", None,
+                 {"batch": 1, "prompt_len": 8, "seq_len": 64}, "adafactor")
+    for name in ("cpu", "metal"):
+        compiler.compile_module(toolchain.iree_compile(), build_dir / "gpt2.mlir", targets.get_target(name),
+                                build_dir / f"gpt2-{name}.vmfb", build_dir / f"gpt2-{name}.compile.log")
+    return build_dir
