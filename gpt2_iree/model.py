@@ -155,6 +155,15 @@ def _logits(params, cfg, x):
     return jnp.where(real, logits, NEG_INF)
 
 
+def _greedy(logits):
+    """argmax over the vocabulary as two plain reductions (max, then the first
+    index holding it): jnp.argmax lowers to one two-result reduce, which IREE's
+    split-reduction, the pass that spreads a long reduction over threads, rejects."""
+    vocab = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    best = jnp.max(logits, axis=-1, keepdims=True)
+    return jnp.min(jnp.where(logits == best, vocab, logits.shape[-1]), axis=-1)
+
+
 def _embed(params, tokens, positions):
     return params["wte"][tokens] + params["wpe"][positions]
 
@@ -205,7 +214,7 @@ def encode(params, cfg: GPT2Config, shapes: Shapes, prompt, lengths):
         x = _block(params, i, cfg, x, attend)
     last = jax.nn.one_hot(lengths - 1, K, dtype=x.dtype)
     logits = _logits(params, cfg, jnp.einsum("bk,bke->be", last, x)[:, None])[:, 0]
-    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    token = _greedy(logits)
     cache |= {"pos": lengths.astype(jnp.int32), "token": token, "logits": logits}
     return cache, token
 
@@ -227,7 +236,7 @@ def decode(params, cfg: GPT2Config, shapes: Shapes, cache):
     for i in range(cfg.n_layer):
         x = _block(params, i, cfg, x, attend)
     logits = _logits(params, cfg, x)[:, 0]
-    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    token = _greedy(logits)
     new |= {"pos": pos + 1, "token": token, "logits": logits}
     return new, token
 

@@ -74,11 +74,7 @@ def test_table_is_consistent():
     for name, target in TARGETS.items():
         assert target.name == name
         assert target.flags and all(f.startswith("--") for f in target.flags)
-    assert get_target("cpu").flags == (
-        "--iree-hal-target-backends=llvm-cpu",
-        "--iree-llvmcpu-target-cpu=host",
-        "--iree-opt-aggressively-propagate-transposes",
-    )
+    assert "--iree-llvmcpu-target-cpu=host" in get_target("cpu").flags
     assert "--iree-metal-target-platform=ios" in get_target("ios").flags
     assert "--iree-metal-target-platform=ios" not in get_target("metal").flags
     for name in ("metal", "ios"):
