@@ -1,0 +1,229 @@
+"""Time the compiled module against `jax.jit` of the same functions on the same weights.
+
+Three phases, each at the module's own shapes (manifest "shapes": batch B,
+prompt length K, sequence length S):
+
+* prefill: one `encode` of a full-length random prompt (B, K), in ms;
+* decode: one `encode` (not timed), then `min(32, S - K)` `decode` steps; the
+  time of the steps over their number is ms per token, and
+  tokens/s = 1000 / ms * B. Each step brings its token to the host on both
+  sides, as a generation loop must to stream or stop;
+* finetune: one optimizer step on random text (B, S) at learning rate 1e-4, in s.
+
+Every number is the median of `repeats` runs after `warmup` untimed ones (the
+warm-up also absorbs JAX's jit compilation). JAX results are waited for with
+`block_until_ready` before the clock stops; the module's results are copied
+to the host, which waits for them. The JAX side threads its training state from
+step to step as the module does in its globals.
+
+The decode floor is the time to read every weight once at this machine's
+memory bandwidth (`measure_bandwidth_gbs`): a decode step of batch 1 must read
+them all, so no implementation on this memory is faster.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+DECODE_STEPS = 32
+FINETUNE_LR = 1e-4
+METRICS = (  # result key, row label, unit
+    ("prefill_ms", "prefill", "ms"),
+    ("decode_ms_per_token", "decode", "ms/token"),
+    ("finetune_s_per_step", "finetune", "s/step"),
+)
+
+
+def measure_bandwidth_gbs(megabytes: int = 256, repeats: int = 7) -> float:
+    """Memory bandwidth in GB/s: median of `np.copyto` between two ~256 MB float32
+    arrays, counting the bytes read plus the bytes written."""
+    n = megabytes * (1 << 20) // 4
+    src = np.ones(n, np.float32)
+    dst = np.zeros(n, np.float32)  # both touched, so no page fault is timed
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - start)
+    return 2 * src.nbytes / statistics.median(times) / 1e9
+
+
+def _median(run, repeats: int, warmup: int) -> float:
+    """Median over `repeats` runs, after `warmup` runs, of `run()`: seconds it measured."""
+    for _ in range(warmup):
+        run()
+    return statistics.median(run() for _ in range(repeats))
+
+
+def _clocked(fn):
+    """`fn` as a run for `_median`: the seconds one whole call of it takes."""
+    def run() -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+    return run
+
+
+def _pair(iree: float, jax_value: float) -> dict:
+    return {"iree": iree, "jax": jax_value, "ratio": iree / jax_value}
+
+
+def run_benchmark(build_dir: Path, device: str | None = None, repeats: int = 5, warmup: int = 1,
+                  log=print) -> dict:
+    """Prefill, decode and fine-tuning time of the build's module on `device`
+    (the runtime's default when None) and of JAX on its default backend."""
+    import jax
+    import jax.numpy as jnp
+
+    from gpt2_iree import model, runtime
+    from gpt2_iree.archive import read_irpa
+
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0 (got {repeats}, {warmup})")
+    module = runtime.Module(Path(build_dir), device)
+    manifest = module.manifest
+    cfg = model.GPT2Config(**manifest["config"])
+    shapes = model.Shapes(**manifest["shapes"])
+    optimizer = manifest["optimizer"]
+    B, K, S = shapes.batch, shapes.prompt_len, shapes.seq_len
+    steps = max(1, min(DECODE_STEPS, S - K))
+    log(f"bench: {manifest['model']} (B={B}, K={K}, S={S}, {optimizer}) on IREE {module.device} "
+        f"vs JAX {jax.default_backend()}; medians of {repeats} after {warmup} warm-up")
+
+    archive = read_irpa(module.params_path)
+    weight_bytes = sum(v.nbytes for v in archive.values())
+    params = {name: jnp.asarray(archive[name].reshape(shape)) for name, shape in manifest["params"]}
+
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, cfg.vocab_size, (B, K), dtype=np.int32)
+    lengths = np.full((B,), K, np.int32)
+    text = rng.integers(0, cfg.vocab_size, (B, S), dtype=np.int32)
+    target = np.roll(text, -1, axis=1)
+    text_lengths = np.full((B,), S - 1, np.int32)
+    lr = np.float32(FINETUNE_LR)
+
+    jax_encode = jax.jit(lambda p, x, n: model.encode(p, cfg, shapes, x, n))
+    jax_decode = jax.jit(lambda p, c: model.decode(p, cfg, shapes, c))
+    jax_step = jax.jit(lambda p, o, x, t, n, r: model.train_step(p, o, cfg, optimizer, x, t, n, r))
+
+    # --- prefill ---
+    iree_prefill = _median(_clocked(lambda: module.encode(prompt, lengths)), repeats, warmup)
+    jax_prefill = _median(_clocked(lambda: jax.block_until_ready(jax_encode(params, prompt, lengths))),
+                          repeats, warmup)
+    log(f"  prefill   IREE {iree_prefill * 1e3:9.3f} ms   JAX {jax_prefill * 1e3:9.3f} ms")
+
+    # --- decode: the encode before the steps is not timed ---
+    def iree_decode_run():
+        module.encode(prompt, lengths)
+        start = time.perf_counter()
+        for _ in range(steps):
+            module.decode()
+        return time.perf_counter() - start
+
+    def jax_decode_run():
+        cache, _ = jax.block_until_ready(jax_encode(params, prompt, lengths))
+        start = time.perf_counter()
+        for _ in range(steps):
+            cache, token = jax_decode(params, cache)
+            np.asarray(token)  # to the host, as the module's decode() does
+        jax.block_until_ready(cache)
+        return time.perf_counter() - start
+
+    iree_decode_s = _median(iree_decode_run, repeats, warmup) / steps
+    jax_decode_s = _median(jax_decode_run, repeats, warmup) / steps
+    log(f"  decode    IREE {iree_decode_s * 1e3:9.3f} ms/token   JAX {jax_decode_s * 1e3:9.3f} ms/token "
+        f"({steps} steps)")
+
+    # --- finetune: both sides carry their weights and optimizer state forward ---
+    state = {"params": params, "opt": model.make_optimizer(optimizer).init(params)}
+
+    def jax_finetune_run():
+        new_params, new_opt, _ = jax.block_until_ready(
+            jax_step(state["params"], state["opt"], text, target, text_lengths, lr))
+        state["params"], state["opt"] = new_params, new_opt
+
+    iree_finetune = _median(_clocked(lambda: module.finetune(text, target, text_lengths, FINETUNE_LR)),
+                            repeats, warmup)
+    jax_finetune = _median(_clocked(jax_finetune_run), repeats, warmup)
+    log(f"  finetune  IREE {iree_finetune:9.4f} s/step   JAX {jax_finetune:9.4f} s/step")
+
+    bandwidth = measure_bandwidth_gbs()
+    floor_ms = weight_bytes / (bandwidth * 1e9) * 1e3
+    log(f"  memory bandwidth {bandwidth:.1f} GB/s; decode floor {floor_ms:.4f} ms/token "
+        f"({weight_bytes / 1e6:.1f} MB of weights)")
+
+    return {
+        "prefill_ms": _pair(iree_prefill * 1e3, jax_prefill * 1e3),
+        "decode_ms_per_token": _pair(iree_decode_s * 1e3, jax_decode_s * 1e3),
+        "finetune_s_per_step": _pair(iree_finetune, jax_finetune),
+        "tokens_per_s": {"iree": B / iree_decode_s, "jax": B / jax_decode_s},
+        "bandwidth_gbs": bandwidth,
+        "decode_floor_ms": floor_ms,
+        "model": manifest["model"],
+        "config": {**manifest["config"], **manifest["shapes"], "optimizer": optimizer},
+        "device": module.device,
+        "repeats": repeats,
+    }
+
+
+def _num(x: float) -> str:
+    return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
+
+
+def format_table(result: dict) -> str:
+    """The result as a table: one row per phase, IREE and JAX times and their ratio."""
+    c = result["config"]
+    rows = [(f"{label} ({unit})", _num(result[key]["iree"]), _num(result[key]["jax"]),
+             f"{result[key]['ratio']:.2f}x") for key, label, unit in METRICS]
+    rows.insert(2, ("  tokens/s", _num(result["tokens_per_s"]["iree"]), _num(result["tokens_per_s"]["jax"]), ""))
+    header = ("", "IREE", "JAX", "IREE/JAX")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+
+    def line(row) -> str:
+        return "  ".join([row[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(row[1:], widths[1:])])
+
+    shape = f"B={c.get('batch')}, K={c.get('prompt_len')}, S={c.get('seq_len')}, {c.get('optimizer')}"
+    out = [f"{result['model']} ({shape}) on IREE {result['device']} vs jax.jit; "
+           f"medians of {result['repeats']}; IREE/JAX < 1 means IREE is faster",
+           line(header), *(line(r) for r in rows),
+           f"memory bandwidth: {result['bandwidth_gbs']:.1f} GB/s",
+           f"decode floor (every weight read once per token): {result['decode_floor_ms']:.4g} ms/token; "
+           f"IREE decode is {result['decode_ms_per_token']['iree'] / result['decode_floor_ms']:.1f}x the floor"]
+    return "\n".join(out)
+
+
+def plot(result: dict, path: Path) -> None:
+    """A PNG of IREE vs JAX per phase (one subplot each: their units differ),
+    with the decode floor drawn on the decode subplot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 4))
+    for ax, (key, label, unit) in zip(axes, METRICS):
+        values = [result[key]["iree"], result[key]["jax"]]
+        bars = ax.bar(["IREE", "JAX"], values, color=["tab:blue", "tab:orange"])
+        ax.bar_label(bars, labels=[_num(v) for v in values])
+        ax.set_title(label)
+        ax.set_ylabel(unit)
+        if key == "decode_ms_per_token":
+            ax.axhline(result["decode_floor_ms"], color="tab:red", linestyle="--",
+                       label=f"bandwidth floor {_num(result['decode_floor_ms'])} ms")
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), fontsize="small", frameon=False)
+        ax.margins(y=0.15)
+    fig.suptitle(f"{result['model']} on IREE {result['device']} vs jax.jit (median of {result['repeats']})")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+    os.replace(tmp, path)

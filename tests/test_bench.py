@@ -1,0 +1,66 @@
+"""The benchmark on the real tiny module: IREE vs jax.jit, table and plot."""
+
+import json
+import math
+
+import pytest
+
+from gpt2_iree import bench
+
+PAIRS = ("prefill_ms", "decode_ms_per_token", "finetune_s_per_step")
+KEYS = {*PAIRS, "tokens_per_s", "bandwidth_gbs", "decode_floor_ms", "model", "config", "device", "repeats"}
+
+
+@pytest.fixture(scope="module")
+def run(tiny_build):
+    lines = []
+    return bench.run_benchmark(tiny_build, device="local-task", repeats=2, warmup=1, log=lines.append), lines
+
+
+@pytest.fixture
+def result(run):
+    return run[0]
+
+
+def test_result_has_every_metric(run, tiny_build):
+    result, log = run
+    assert set(result) == KEYS
+    for key in PAIRS:
+        pair = result[key]
+        assert set(pair) == {"iree", "jax", "ratio"}
+        assert pair["iree"] > 0 and pair["jax"] > 0
+        assert pair["ratio"] == pytest.approx(pair["iree"] / pair["jax"])
+    batch = result["config"]["batch"]
+    assert set(result["tokens_per_s"]) == {"iree", "jax"}
+    for side in ("iree", "jax"):
+        assert result["tokens_per_s"][side] == pytest.approx(1000 / result["decode_ms_per_token"][side] * batch)
+    assert result["bandwidth_gbs"] > 0 and result["decode_floor_ms"] > 0
+    manifest = json.loads((tiny_build / "manifest.json").read_text())
+    weight_bytes = sum(4 * math.prod(shape) for _, shape in manifest["params"])
+    assert result["decode_floor_ms"] == pytest.approx(weight_bytes / (result["bandwidth_gbs"] * 1e9) * 1e3)
+    assert result["model"] == "tiny"
+    assert result["config"]["seq_len"] == 64 and result["config"]["optimizer"] == "adafactor"
+    assert result["config"]["n_layer"] == manifest["config"]["n_layer"]
+    assert result["device"] == "local-task" and result["repeats"] == 2
+    json.dumps(result)  # JSON-able as it is
+    # One progress line per phase at least (prefill, decode, finetune, bandwidth).
+    assert len(log) >= 4 and any("decode" in line for line in log)
+
+
+def test_format_table_mentions_every_metric(result):
+    table = bench.format_table(result)
+    for word in ("prefill", "decode", "finetune", "tokens/s", "IREE", "JAX", "IREE/JAX", "bandwidth", "floor"):
+        assert word in table, word
+    assert f"{result['prefill_ms']['ratio']:.2f}x" in table
+
+
+def test_plot_writes_a_png(result, tmp_path):
+    path = tmp_path / "sub" / "bench.png"
+    bench.plot(result, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert path.stat().st_size > 1000
+    assert [p.name for p in path.parent.iterdir()] == ["bench.png"]  # no temporary left behind
+
+
+def test_bandwidth_is_plausible():
+    assert 0.1 < bench.measure_bandwidth_gbs() < 10000

@@ -1,0 +1,102 @@
+"""`gpt2-iree` as a user runs it, on the tiny model: every command and every bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gpt2_iree.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+SENTENCE = "The quick brown fox jumps over the lazy dog."
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def gpt2_iree(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The CLI in a fresh process, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "gpt2_iree.cli", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_generate_prints_the_completion(tiny_build, capsys):
+    assert main(["generate", "--build-dir", str(tiny_build), "--prompt", "Hello", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Hello") and len(out.rstrip("\n")) > len("Hello")
+
+
+def test_finetune_then_generate_with_saved_weights(tiny_build, tmp_path):
+    tuned, plot, hf = tmp_path / "tuned.irpa", tmp_path / "loss.png", tmp_path / "hf"
+    result = gpt2_iree("finetune", "--build-dir", str(tiny_build), "--text", SENTENCE, "--steps", "30",
+                       "--lr", "0.1", "--max-new-tokens", "64", "--out", str(tuned), "--plot", str(plot),
+                       "--export-hf", str(hf))
+    assert result.returncode == 0, result.stderr
+    first, last = (float(x) for x in result.stdout.split("loss: ")[1].split(" over")[0].split(" -> "))
+    assert last * 10 < first
+    assert f"after:  {SENTENCE}" in result.stdout
+    assert "finetune" in result.stderr and "step" in result.stderr  # the progress bar
+    assert plot.read_bytes().startswith(PNG_MAGIC)
+    assert sorted(p.name for p in hf.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+
+    # A fresh process with the saved weights completes the sentence from its first words.
+    again = gpt2_iree("generate", "--build-dir", str(tiny_build), "--prompt", "The quic", "--max-new-tokens", "64",
+                      "--params", str(tuned))
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == SENTENCE
+
+    # The exported Hugging Face directory rebuilds through doit and generates the same.
+    work = tmp_path / "work"
+    work.mkdir()
+    built = subprocess.run([sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py"), "-d", str(work),
+                            f"model={hf}", "targets=cpu"], capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stdout + built.stderr
+    build_dir = next((work / "build").glob("local-hf-*/pretrained-b1-k8-s64-adafactor"))
+    rebuilt = gpt2_iree("generate", "--build-dir", str(build_dir), "--prompt", "The quic", "--max-new-tokens", "64")
+    assert rebuilt.stdout == again.stdout
+
+
+def test_inspect_vmfb_and_irpa(tiny_build, capsys):
+    assert main(["inspect", str(tiny_build / "gpt2-metal.vmfb")]) == 0
+    out = capsys.readouterr().out
+    for name in ("encode", "decode", "finetune", "get_params", "set_params", "get_state", "metal-msl-fb"):
+        assert name in out
+    assert main(["inspect", str(tiny_build / "gpt2.irpa")]) == 0
+    assert "h.0.attn.qkv_w" in capsys.readouterr().out
+
+
+def test_bench_writes_json_and_png(tiny_build, tmp_path, capsys):
+    report, chart = tmp_path / "bench.json", tmp_path / "bench.png"
+    assert main(["bench", "--build-dir", str(tiny_build), "--device", "local-task", "--repeats", "2",
+                 "--json", str(report), "--plot", str(chart)]) == 0
+    result = json.loads(report.read_text())
+    for key in ("prefill_ms", "decode_ms_per_token", "finetune_s_per_step"):
+        assert set(result[key]) == {"iree", "jax", "ratio"}
+    assert result["model"] == "tiny" and result["device"] == "local-task"
+    assert chart.read_bytes().startswith(PNG_MAGIC)
+    assert "decode" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--prompt", "far too long a prompt"], "the prompt is 21 tokens; this module takes at most 8"),
+    (["generate", "--prompt", ""], "the prompt is empty"),
+    (["generate", "--prompt", "Hi", "--device", "metal"], "device 'metal' is not available here"),
+    (["finetune", "--text", "x" * 100], "text 1 is 100 tokens"),
+    (["finetune", "--text-file", "/nonexistent/texts.txt"], "--text-file /nonexistent/texts.txt: no such file"),
+    (["generate", "--prompt", "Hi", "--params", "/nonexistent.irpa"], "/nonexistent.irpa does not exist"),
+])
+def test_bad_input_is_a_clear_error(tiny_build, capsys, args, message):
+    assert main([*args, "--build-dir", str(tiny_build)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_unbuilt_build_dir_says_which_doit_builds_it(tmp_path, capsys):
+    assert main(["generate", "--prompt", "Hi", "--build-dir", str(tmp_path)]) == 2
+    assert "is not built yet" in capsys.readouterr().err
+
+
+def test_inspect_of_a_non_module_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "junk.vmfb").write_bytes(b"junk")
+    assert main(["inspect", str(tmp_path / "junk.vmfb")]) == 2
+    assert "junk.vmfb" in capsys.readouterr().err

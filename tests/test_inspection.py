@@ -1,0 +1,99 @@
+"""Inspecting the real tiny modules and archive; and refusing what is neither."""
+
+import json
+import math
+
+import pytest
+
+from gpt2_iree import inspection
+from gpt2_iree.errors import Gpt2IreeError
+
+FUNCTIONS = ["encode", "decode", "finetune", "get_params", "set_params", "get_state"]
+
+
+@pytest.fixture(scope="module")
+def cpu(tiny_build):
+    return inspection.inspect_vmfb(tiny_build / "gpt2-cpu.vmfb")
+
+
+@pytest.fixture(scope="module")
+def metal(tiny_build):
+    return inspection.inspect_vmfb(tiny_build / "gpt2-metal.vmfb")
+
+
+def test_cpu_functions_and_signatures(cpu, tiny_build):
+    assert [f["name"] for f in cpu["functions"]] == FUNCTIONS
+    sig = {f["name"]: f["signature"] for f in cpu["functions"]}
+    assert sig["encode"] == "encode(tensor<1x8xi32>, tensor<1xi32>) -> tensor<1x1xi32>"
+    assert sig["decode"] == "decode() -> tensor<1x1xi32>"
+    assert sig["finetune"] == "finetune(tensor<1x64xi32>, tensor<1x64xi32>, tensor<1xi32>, tensor<f32>) -> tensor<f32>"
+    assert sig["get_params"].count("tensor<") == len(json.loads((tiny_build / "manifest.json").read_text())["params"])
+    assert cpu["size_bytes"] == (tiny_build / "gpt2-cpu.vmfb").stat().st_size
+
+
+def test_executable_formats(cpu, metal):
+    assert len(cpu["executable_formats"]) == 1 and cpu["executable_formats"][0].startswith("embedded-elf")
+    assert metal["executable_formats"] == ["metal-msl-fb"]
+
+
+def test_dispatch_and_kernel_counts(cpu, metal):
+    for info in (cpu, metal):
+        assert info["dispatches"] >= info["kernels"] >= 1
+        per_function = {f["name"]: f["dispatches"] for f in info["functions"]}
+        assert per_function["encode"] >= 1 and per_function["decode"] >= 1
+        assert per_function["finetune"] > per_function["decode"]  # forward + backward + optimizer
+        assert sum(per_function.values()) <= info["dispatches"]
+
+
+def test_metal_kernels_are_its_executables(metal, tiny_build):
+    # A Metal module holds one executable, one zip entry, per kernel.
+    import zipfile
+
+    with zipfile.ZipFile(tiny_build / "gpt2-metal.vmfb") as archive:
+        executables = [n for n in archive.namelist() if n.endswith("_metal_msl_fb.fb")]
+    assert metal["kernels"] == len(executables)
+
+
+def test_irpa_matches_manifest(tiny_build):
+    info = inspection.inspect_irpa(tiny_build / "gpt2.irpa")
+    manifest = json.loads((tiny_build / "manifest.json").read_text())
+    assert sorted(p["key"] for p in info["parameters"]) == sorted(name for name, _ in manifest["params"])
+    sizes = {name: 4 * math.prod(shape) for name, shape in manifest["params"]}
+    assert {p["key"]: p["bytes"] for p in info["parameters"]} == sizes
+    assert info["total_bytes"] == sum(sizes.values())
+
+
+def test_formats_are_readable(cpu, tiny_build):
+    text = inspection.format_vmfb(cpu)
+    for name in FUNCTIONS:
+        assert name in text
+    assert "encode(tensor<1x8xi32>, tensor<1xi32>) -> tensor<1x1xi32>" in text
+    assert str(cpu["dispatches"]) in text and str(cpu["kernels"]) in text
+    text = inspection.format_irpa(inspection.inspect_irpa(tiny_build / "gpt2.irpa"))
+    assert "wte" in text and "h.0.mlp.in_w" in text
+    rows = [line for line in text.splitlines() if line.endswith(" B") and line.startswith("  ")]
+    assert len({len(row) for row in rows}) == 1  # aligned
+
+
+@pytest.mark.parametrize("inspect", [inspection.inspect_vmfb, inspection.inspect_irpa])
+def test_missing_file(inspect, tmp_path):
+    path = tmp_path / "nothing.here"
+    with pytest.raises(Gpt2IreeError, match="nothing.here"):
+        inspect(path)
+
+
+@pytest.mark.parametrize("inspect, name", [(inspection.inspect_vmfb, "junk.vmfb"), (inspection.inspect_irpa, "junk.irpa")])
+def test_garbage_file(inspect, name, tmp_path):
+    path = tmp_path / name
+    path.write_bytes(b"this is not what it claims to be\n" * 100)
+    with pytest.raises(Gpt2IreeError, match=name):
+        inspect(path)
+
+
+def test_wrong_kind_of_file(tiny_build, tmp_path):
+    with pytest.raises(Gpt2IreeError, match="gpt2.irpa"):
+        inspection.inspect_vmfb(tiny_build / "gpt2.irpa")
+    with pytest.raises(Gpt2IreeError, match="gpt2-cpu.vmfb"):
+        inspection.inspect_irpa(tiny_build / "gpt2-cpu.vmfb")
+    with pytest.raises(Gpt2IreeError, match="is not a file"):
+        inspection.inspect_vmfb(tmp_path)
