@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
+
+from gpt2_iree.files import replace_atomically
 
 
 def write_irpa(params: dict, path: Path) -> None:
@@ -15,13 +16,7 @@ def write_irpa(params: dict, path: Path) -> None:
     index = rt.ParameterIndex()
     for name, value in params.items():
         index.add_buffer(name, np.ascontiguousarray(np.asarray(value, np.float32)))
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        index.create_archive_file(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    replace_atomically(Path(path), lambda tmp: index.create_archive_file(str(tmp)))
 
 
 def read_irpa(path: Path) -> dict[str, np.ndarray]:

@@ -23,12 +23,13 @@ them all, so no implementation on this memory is faster.
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
+
+from gpt2_iree.files import replace_atomically
 
 DECODE_STEPS = 32
 FINETUNE_LR = 1e-4
@@ -221,9 +222,7 @@ def plot(result: dict, path: Path) -> None:
     fig.suptitle(f"{result['model']} on IREE {result['device']} vs jax.jit (median of {result['repeats']})")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        fig.savefig(tmp, format="png", dpi=100)
+        replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     finally:
         plt.close(fig)
-    os.replace(tmp, path)

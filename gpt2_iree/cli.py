@@ -7,11 +7,11 @@ builds with no vars) and `--device` (default: the best this host has).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from gpt2_iree.errors import Gpt2IreeError
+from gpt2_iree.files import replace_atomically, write_json
 from gpt2_iree.runtime import DEFAULT_BUILD_DIR
 
 
@@ -88,10 +88,10 @@ def _plot_losses(losses: list[float], path: Path) -> None:
     ax.plot(range(1, len(losses) + 1), losses, marker="o", markersize=3)
     ax.set(xlabel="step", ylabel="loss", title="fine-tuning loss", yscale="log")
     ax.grid(True, alpha=0.3)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
 
 
 def cmd_inspect(args) -> None:
@@ -111,9 +111,7 @@ def cmd_bench(args) -> None:
                                  log=lambda line: print(line, file=sys.stderr))
     print(bench.format_table(result))
     if args.json:
-        tmp = Path(args.json).with_name(Path(args.json).name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(args.json)
+        write_json(args.json, result)
     if args.plot:
         bench.plot(result, Path(args.plot))
 

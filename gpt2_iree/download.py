@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -30,6 +29,7 @@ import requests
 from tqdm import tqdm
 
 from gpt2_iree.errors import Gpt2IreeError
+from gpt2_iree.files import write_json
 
 HF_ENDPOINT_ENV = "GPT2_IREE_HF_ENDPOINT"
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
@@ -116,7 +116,7 @@ def fetch_repo_files(
             lock["files"][name] = _download_verified(session, url, siblings[name], dest_dir / name, progress)
             # Record each file as soon as it is verified, so a failure on a
             # later file does not force this one to be fetched again.
-            _write_json_atomically(lock_path, lock)
+            write_json(lock_path, lock)
     return lock
 
 
@@ -296,19 +296,6 @@ def _file_hashes(path: Path) -> dict:
     return {"size": size, "sha256": sha256.hexdigest(), "git_sha1": git_sha1.hexdigest()}
 
 
-def _write_json_atomically(path: Path, data: dict) -> None:
-    """Write JSON so that readers see either the old file or the new one, never half."""
-    fd, tmp_name = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as tmp:
-            json.dump(data, tmp, indent=2, sort_keys=True)
-            tmp.write("\n")
-        os.replace(tmp_name, path)
-    except BaseException:
-        os.unlink(tmp_name)
-        raise
-
-
 def lock_local_files(src_dir: Path, filenames: list[str], lock_path: Path, source: str) -> dict:
     """Record the size and sha256 of files made or given locally (the `tiny`
     model, a user's model directory) in the same lock format as a download."""
@@ -317,5 +304,5 @@ def lock_local_files(src_dir: Path, filenames: list[str], lock_path: Path, sourc
         hashes = _file_hashes(Path(src_dir) / name)
         lock["files"][name] = {"size": hashes["size"], "sha256": hashes["sha256"]}
     Path(lock_path).parent.mkdir(parents=True, exist_ok=True)
-    _write_json_atomically(Path(lock_path), lock)
+    write_json(Path(lock_path), lock)
     return lock

@@ -12,9 +12,6 @@ and keeps the weights, KV cache and optimizer state in globals between calls.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import os
 import shutil
 from pathlib import Path
 
@@ -24,6 +21,7 @@ import numpy as np
 
 from gpt2_iree import model, stateful
 from gpt2_iree.archive import write_irpa
+from gpt2_iree.files import replace_atomically, sha256_file, write_json, write_text
 
 MODULE_NAME = "gpt2"
 FUNCTIONS = ("encode", "decode", "finetune", "get_params", "set_params", "get_state")
@@ -76,16 +74,6 @@ def export_mlir(cfg: model.GPT2Config, shapes: model.Shapes, optimizer: str, par
     return stateful.build_module(MODULE_NAME, state, "params", entries(cfg, shapes, optimizer, params))
 
 
-def write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, data) -> None:
-    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
 def load_model(model_dir: Path | None, weights: str, shape: dict | None = None):
     """(config, params) from a Hugging Face directory, or seeded random weights.
 
@@ -100,14 +88,6 @@ def load_model(model_dir: Path | None, weights: str, shape: dict | None = None):
     return cfg, hf.load_hf_params(model_dir, cfg)
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def export_build(out_dir: Path, name: str, cfg: model.GPT2Config, params: dict, shapes: model.Shapes,
                  optimizer: str, weights: str, tokenizer: Path | None) -> None:
     """Write gpt2.mlir, gpt2.irpa, tokenizer.json and manifest.json into `out_dir`.
@@ -119,9 +99,7 @@ def export_build(out_dir: Path, name: str, cfg: model.GPT2Config, params: dict, 
     write_text(out_dir / "gpt2.mlir", export_mlir(cfg, shapes, optimizer, params))
     write_irpa(params, out_dir / "gpt2.irpa")
     if tokenizer:
-        tmp = out_dir / "tokenizer.json.tmp"
-        shutil.copyfile(tokenizer, tmp)
-        os.replace(tmp, out_dir / "tokenizer.json")
+        replace_atomically(out_dir / "tokenizer.json", lambda tmp: shutil.copyfile(tokenizer, tmp))
     write_json(out_dir / "manifest.json", {
         "model": name,
         "config": dataclasses.asdict(cfg),

@@ -65,7 +65,7 @@ class Shapes:
 
 def param_shapes(cfg: GPT2Config) -> dict[str, tuple[int, ...]]:
     """Every parameter's name and shape. Names are the keys of the .irpa archive."""
-    E, H, Q, F = cfg.n_embd, cfg.n_head, cfg.head_dim, 4 * cfg.n_embd
+    E, F = cfg.n_embd, 4 * cfg.n_embd
     shapes = {
         "wte": (cfg.padded_vocab, E),
         "wpe": (cfg.n_positions, E),

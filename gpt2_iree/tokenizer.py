@@ -31,6 +31,8 @@ def write_byte_tokenizer(path: Path) -> int:
     which is all the `tiny` model asks of a tokenizer. Returns the vocab size."""
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
+    from gpt2_iree.files import replace_atomically
+
     byte_chars = pre_tokenizers.ByteLevel.alphabet()
     # GPT-2 orders its byte tokens by byte value; any fixed order would do.
     vocab = {ch: i for i, ch in enumerate(sorted(byte_chars, key=_byte_of))}
@@ -39,9 +41,7 @@ def write_byte_tokenizer(path: Path) -> int:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([END_OF_TEXT])
-    tmp = path.with_name(path.name + ".tmp")
-    tok.save(str(tmp))
-    tmp.replace(path)
+    replace_atomically(path, lambda tmp: tok.save(str(tmp)))
     return len(vocab)
 
 

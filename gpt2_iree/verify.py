@@ -158,6 +158,7 @@ def verify_build(build_dir: Path, target_name: str, report_path: Path) -> dict:
     check then raises, so doit marks the stage failed and retries it next run.
     """
     from gpt2_iree import export, runtime, targets
+    from gpt2_iree.files import write_json
     from gpt2_iree.toolchain import runtime_tool
 
     build_dir = Path(build_dir)
@@ -170,7 +171,7 @@ def verify_build(build_dir: Path, target_name: str, report_path: Path) -> dict:
         report = check_structure(vmfb, target.executable_format, list(export.FUNCTIONS),
                                  runtime_tool("iree-dump-module"))
     report["target"] = target_name
-    export.write_json(Path(report_path), report)
+    write_json(Path(report_path), report)
     print(summary(report))
     if not report["passed"]:
         raise VerifyError(f"verify:{target_name} failed; see {report_path}")

@@ -10,7 +10,6 @@ side by side along its output: [q | k | v], each head-major (H, Q).
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from gpt2_iree.files import replace_atomically
 from gpt2_iree.model import GPT2Config, param_shapes
 
 # Keys a checkpoint may carry that are not weights of ours: the tied LM head
@@ -84,7 +84,7 @@ def config_to_hf(cfg: GPT2Config) -> dict:
 
 def _conversions(cfg: GPT2Config) -> dict:
     """Our name -> (HF name, HF shape, HF-to-ours, ours-to-HF)."""
-    E, H, Q, F, V = cfg.n_embd, cfg.n_head, cfg.head_dim, 4 * cfg.n_embd, cfg.vocab_size
+    E, F, V = cfg.n_embd, 4 * cfg.n_embd, cfg.vocab_size
     same = lambda w: w  # noqa: E731
     t = lambda w: w.T  # noqa: E731  Conv1D (in, out) <-> our (out, in)
     pad_rows = ((0, cfg.padded_vocab - V), (0, 0))
@@ -150,20 +150,13 @@ def params_to_hf(params, cfg: GPT2Config) -> dict[str, np.ndarray]:
     return hf
 
 
-def _write_atomic(path: Path, write) -> None:
-    """`write(tmp)`, then move it into place, so `path` is never half-written."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_hf_model(params, cfg: GPT2Config, out_dir: Path, tokenizer_json: Path) -> None:
     """Write a directory `transformers` can load: config.json, model.safetensors, tokenizer.json."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = params_to_hf(params, cfg)
     config = json.dumps(config_to_hf(cfg), indent=2, sort_keys=True) + "\n"
-    _write_atomic(out_dir / "model.safetensors",
+    replace_atomically(out_dir / "model.safetensors",
                   lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    _write_atomic(out_dir / "tokenizer.json", lambda tmp: shutil.copyfile(tokenizer_json, tmp))
-    _write_atomic(out_dir / "config.json", lambda tmp: tmp.write_text(config))
+    replace_atomically(out_dir / "tokenizer.json", lambda tmp: shutil.copyfile(tokenizer_json, tmp))
+    replace_atomically(out_dir / "config.json", lambda tmp: tmp.write_text(config))
