@@ -74,11 +74,9 @@ class Module:
             raise BuildError(f"{vmfb} is missing; build it with `doit targets={DRIVER_TARGETS[device]}`")
         self.device = device
         self.params_path = Path(params) if params else self.build_dir / "gpt2.irpa"
-        self.check_params(self.params_path)
+        index = self._load_params(self.params_path)
 
         config = rt.Config(device)
-        index = rt.ParameterIndex()
-        index.load(str(self.params_path))
         self._modules = [
             rt.create_io_parameters_module(config.vm_instance, index.create_provider(scope="model")),
             rt.create_hal_module(config.vm_instance, config.device),
@@ -90,9 +88,9 @@ class Module:
     def _vmfb(self, device: str) -> Path:
         return self.build_dir / f"gpt2-{DRIVER_TARGETS[device]}.vmfb"
 
-    def check_params(self, path: Path) -> None:
-        """Refuse an archive whose keys or shapes differ from the module's, before
-        IREE fails on it somewhere deep inside the first call."""
+    def _load_params(self, path: Path):
+        """The archive's index; one whose keys or sizes differ from the module's is
+        refused here, before IREE fails on it somewhere deep inside the first call."""
         import iree.runtime as rt
 
         if not path.is_file():
@@ -111,6 +109,7 @@ class Module:
             parts = [f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
                      for label, keys in (("missing", missing), ("unexpected", extra), ("wrong size", wrong)) if keys]
             raise BuildError(f"{path} does not match the module in {self.build_dir} ({'; '.join(parts)})")
+        return index
 
     # --- raw entry points, numpy in and out ---
     # Results are copied: `to_host()` can map the device buffer itself, which
