@@ -75,3 +75,11 @@ def test_config_is_frozen():
     assert isinstance(cfg, BuildConfig)
     with pytest.raises(AttributeError):
         cfg.model = "tiny"
+
+
+def test_optimizer_choices_match_the_model():
+    # tasks/ keeps its own copy so that loading the graph never imports jax.
+    from gpt2_iree import model
+    from tasks.config import OPTIMIZERS
+
+    assert OPTIMIZERS == model.OPTIMIZERS
