@@ -1,0 +1,45 @@
+"""verify: parity with JAX passes on a right module and fails, with a report, on a wrong one."""
+
+import json
+import shutil
+
+import pytest
+
+from gpt2_iree import verify
+
+
+def test_parity_report_on_the_cpu_module(tiny_build, tmp_path):
+    report = verify.verify_build(tiny_build, "cpu", tmp_path / "verify-cpu.json")
+    assert report["kind"] == "parity" and report["passed"] and report["tokens_equal"]
+    assert report["decode_steps"] == verify.DECODE_STEPS
+    assert len(report["losses"]) == verify.FINETUNE_STEPS
+    assert all(e <= verify.TOLERANCE for e in report["relative_errors"].values())
+    assert json.loads((tmp_path / "verify-cpu.json").read_text()) == report
+
+
+def test_a_module_that_computes_something_else_fails(tiny_build, tmp_path):
+    # The reference now normalises with a different epsilon than the module was
+    # compiled with: a small, real numerical difference verify must catch.
+    wrong = tmp_path / "build"
+    shutil.copytree(tiny_build, wrong)
+    manifest = json.loads((wrong / "manifest.json").read_text())
+    manifest["config"]["layer_norm_epsilon"] = 1e-2
+    (wrong / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(verify.VerifyError, match="verify:cpu failed"):
+        verify.verify_build(wrong, "cpu", tmp_path / "verify-cpu.json")
+    report = json.loads((tmp_path / "verify-cpu.json").read_text())
+    assert not report["passed"]
+
+
+def test_structure_of_a_metal_module(tiny_build, tmp_path):
+    report = verify.verify_build(tiny_build, "metal", tmp_path / "verify-metal.json")
+    assert report["kind"] == "structure" and report["passed"]
+    assert report["checks"] == {"executable_format": True, "functions": True, "msl_source": True}
+
+
+def test_structure_check_names_missing_functions(tiny_build):
+    from gpt2_iree.toolchain import runtime_tool
+
+    report = verify.check_structure(tiny_build / "gpt2-metal.vmfb", "metal-msl-fb", ["encode", "beam_search"],
+                                    runtime_tool("iree-dump-module"))
+    assert not report["passed"] and report["missing_functions"] == ["beam_search"]
