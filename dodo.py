@@ -8,6 +8,7 @@ from tasks.assets import task_assets  # noqa: F401
 from tasks.compile import task_compile  # noqa: F401
 from tasks.config import load_config
 from tasks.export import task_export  # noqa: F401
+from tasks.iree_source import task_iree_build, task_iree_source  # noqa: F401
 from tasks.toolchain import task_toolchain  # noqa: F401
 from tasks.verify import task_verify  # noqa: F401
 

@@ -4,7 +4,7 @@ from doit.tools import config_changed
 
 from gpt2_iree.targets import TARGETS
 from tasks.actions import call, remove_outputs
-from tasks.config import LIBRARY, TOOLCHAIN_JSON, load_config
+from tasks.config import LIBRARY, load_config
 
 SOURCES = [LIBRARY / "targets.py", LIBRARY / "compiler.py"]
 
@@ -22,9 +22,9 @@ def task_compile():
         yield {
             "name": name,
             "doc": f"gpt2-{name}.vmfb: {target.description}",
-            "actions": [call("gpt2_iree.compiler:compile_for", TOOLCHAIN_JSON, cfg.build_dir / "gpt2.mlir",
+            "actions": [call("gpt2_iree.compiler:compile_for", cfg.toolchain_json, cfg.build_dir / "gpt2.mlir",
                              name, vmfb, log)],
-            "file_dep": [cfg.build_dir / "gpt2.mlir", TOOLCHAIN_JSON, *SOURCES],
+            "file_dep": [cfg.build_dir / "gpt2.mlir", cfg.toolchain_json, *SOURCES],
             "targets": [vmfb],
             "uptodate": [config_changed({"flags": target.flags})],
             "clean": [(remove_outputs, [cfg.build_dir, outputs(name)])],

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata
 from pathlib import Path
 
 from doit import doit_cmd
 from doit.exceptions import InvalidCommand
 
 import gpt2_iree
-from gpt2_iree import models
+from gpt2_iree import models, source_build
 from gpt2_iree.targets import TARGETS
 
 # Relative to the working directory, which doit sets to the dodo.py's folder
@@ -22,12 +23,14 @@ from gpt2_iree.targets import TARGETS
 BUILD = Path("build")
 ASSETS = Path("assets")
 STATE = Path(".doit")
-TOOLCHAIN_JSON = BUILD / "toolchain.json"
+# toolchain=source's IREE: one checkout, build and install for every configuration.
+IREE = source_build.Tree(BUILD / "iree")
 LIBRARY = Path(gpt2_iree.__file__).resolve().parent
 WEIGHTS = ("pretrained", "random")
 OPTIMIZERS = ("adafactor", "sgd", "adamw")  # gpt2_iree.model.OPTIMIZERS, without importing jax
 DEFAULT_TARGETS = ("metal", "ios", "cpu")
 MAX_SEQ_LEN = 1024
+TOOLCHAINS = ("wheel", "source")
 
 # name -> (default, one-line help); `doit help` users read this table too.
 VARS = {
@@ -39,6 +42,10 @@ VARS = {
     "seq_len": ("64", f"KV cache and fine-tuning length (S), at most {MAX_SEQ_LEN}"),
     "optimizer": ("adafactor", " | ".join(OPTIMIZERS)),
     "hf_endpoint": ("", "Hugging Face mirror URL (or env GPT2_IREE_HF_ENDPOINT)"),
+    "toolchain": ("wheel", f"{' | '.join(TOOLCHAINS)} (IREE built from iree_repo at iree_ref)"),
+    "iree_repo": ("", f"toolchain=source: git URL or local clone of IREE (default {source_build.DEFAULT_REPO})"),
+    "iree_ref": ("", "toolchain=source: branch, tag or full commit (default: the installed "
+                     "iree-base-compiler's release tag, e.g. v3.13.0)"),
 }
 
 
@@ -52,6 +59,9 @@ class BuildConfig:
     seq_len: int
     optimizer: str
     hf_endpoint: str | None
+    toolchain: str = "wheel"
+    iree_repo: str | None = None  # toolchain=source only, as are iree_ref
+    iree_ref: str | None = None
 
     @property
     def hub(self) -> models.HubModel | None:
@@ -91,7 +101,15 @@ class BuildConfig:
 
     @property
     def config_key(self) -> str:
-        return f"{self.weights}-b{self.batch}-k{self.prompt_len}-s{self.seq_len}-{self.optimizer}"
+        """Also keys the toolchain: a source build's outputs (and doit state) are
+        never taken for the wheels', so switching back and forth finds both up to date."""
+        key = f"{self.weights}-b{self.batch}-k{self.prompt_len}-s{self.seq_len}-{self.optimizer}"
+        return key if self.toolchain == "wheel" else f"{key}-{self.toolchain}"
+
+    @property
+    def toolchain_json(self) -> Path:
+        """The toolchain record: which iree-compile and which IREE Python packages."""
+        return BUILD / ("toolchain.json" if self.toolchain == "wheel" else f"toolchain-{self.toolchain}.json")
 
     @property
     def build_dir(self) -> Path:
@@ -148,6 +166,15 @@ def parse_config(raw: dict[str, str]) -> BuildConfig:
         raise ValueError(f"seq_len={seq_len} exceeds {model}'s {models.HUB_MODELS[model].n_positions} positions")
     if model == models.TINY and seq_len > models.TINY_SHAPE["n_positions"]:
         raise ValueError(f"seq_len={seq_len} exceeds tiny's {models.TINY_SHAPE['n_positions']} positions")
+    toolchain = _choice("toolchain", values["toolchain"], TOOLCHAINS)
+    iree_repo = iree_ref = None
+    if toolchain == "source":
+        iree_repo = source_build.check_repo(values["iree_repo"] or source_build.DEFAULT_REPO)
+        iree_ref = source_build.check_ref(
+            values["iree_ref"] or source_build.default_ref(importlib.metadata.version("iree-base-compiler")))
+    elif values["iree_repo"] or values["iree_ref"]:
+        given = " ".join(f"{v}={values[v]}" for v in ("iree_repo", "iree_ref") if values[v])
+        raise ValueError(f"{given} applies to toolchain=source only; add toolchain=source")
     return BuildConfig(
         model=model,
         weights=_choice("weights", values["weights"], WEIGHTS),
@@ -157,6 +184,9 @@ def parse_config(raw: dict[str, str]) -> BuildConfig:
         seq_len=seq_len,
         optimizer=_choice("optimizer", values["optimizer"], OPTIMIZERS),
         hf_endpoint=values["hf_endpoint"] or None,
+        toolchain=toolchain,
+        iree_repo=iree_repo,
+        iree_ref=iree_ref,
     )
 
 

@@ -2,8 +2,8 @@
 
 from doit.tools import config_changed
 
-from tasks.actions import call, remove_outputs
-from tasks.config import LIBRARY, TOOLCHAIN_JSON, load_config
+from tasks.actions import call_with_toolchain, remove_outputs
+from tasks.config import LIBRARY, load_config
 
 # The library code whose output this stage writes: a change re-exports.
 SOURCES = [LIBRARY / f for f in ("model.py", "stateful.py", "export.py", "weights.py")]
@@ -14,10 +14,12 @@ def task_export():
     """gpt2.mlir (encode, decode, finetune, get/set_params) + gpt2.irpa + manifest.json"""
     cfg = load_config()
     return {
-        "actions": [call("gpt2_iree.export:build", cfg.build_dir, cfg.model,
-                         cfg.model_dir if cfg.needs_assets else None, cfg.weights,
-                         cfg.hub.shape() if cfg.hub else None, cfg.shapes(), cfg.optimizer)],
-        "file_dep": [*SOURCES, TOOLCHAIN_JSON, *([cfg.assets_lock] if cfg.needs_assets else [])],
+        # The module is built with iree.compiler and the archive written with
+        # iree.runtime: the toolchain's, so a source build exports with its own.
+        "actions": [call_with_toolchain(cfg.toolchain_json, "gpt2_iree.export:build", cfg.build_dir, cfg.model,
+                                        cfg.model_dir if cfg.needs_assets else None, cfg.weights,
+                                        cfg.hub.shape() if cfg.hub else None, cfg.shapes(), cfg.optimizer)],
+        "file_dep": [*SOURCES, cfg.toolchain_json, *([cfg.assets_lock] if cfg.needs_assets else [])],
         "targets": [cfg.build_dir / f for f in OUTPUTS],
         "uptodate": [config_changed({"model": cfg.model, "revision": cfg.hub and cfg.hub.revision,
                                      "weights": cfg.weights, "shapes": cfg.shapes(), "optimizer": cfg.optimizer})],
