@@ -11,6 +11,7 @@ from tasks.export import task_export  # noqa: F401
 from tasks.iree_source import task_iree_build, task_iree_source  # noqa: F401
 from tasks.toolchain import task_toolchain  # noqa: F401
 from tasks.verify import task_verify  # noqa: F401
+from tasks.xcframework import task_xcframework  # noqa: F401
 
 _state = load_config().state_file
 _state.parent.mkdir(parents=True, exist_ok=True)

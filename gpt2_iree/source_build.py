@@ -87,6 +87,19 @@ class Tree:
     def log(self) -> Path:
         return self.root / "build.log"
 
+    @property
+    def runtime(self) -> Path:
+        """The runtime cross-builds of the XCFramework, one directory per platform and architecture."""
+        return self.root / "runtime"
+
+    @property
+    def xcframework(self) -> Path:
+        return self.root / "iree.xcframework"
+
+    @property
+    def xcframework_record(self) -> Path:
+        return self.root / "xcframework.json"
+
 
 # --- what to fetch -----------------------------------------------------------
 

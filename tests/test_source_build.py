@@ -18,6 +18,7 @@ import importlib.util
 import inspect
 import io
 import json
+import platform
 import shutil
 import subprocess
 import sys
@@ -216,6 +217,9 @@ def test_switching_back_to_the_source_build_is_a_no_op(standin):
 def test_source_stages_explain_themselves_where_they_cannot_run():
     code, _, errors = doit("iree_build", *WHEEL)
     assert code != 0 and "run `doit toolchain=source iree_build`" in errors["iree_build"]
+    if platform.system() != "Darwin":
+        code, _, errors = doit("xcframework", *WHEEL)
+        assert code != 0 and "xcframework needs macOS with Xcode" in errors["xcframework"]
 
 
 # --- the pieces, on their own ------------------------------------------------

@@ -1,0 +1,25 @@
+"""xcframework: IREE's runtime for iOS, the iOS simulator and macOS (a Mac with Xcode, toolchain=source)."""
+
+import platform
+
+from gpt2_iree import xcframework
+from tasks.actions import call, fail
+from tasks.config import IREE, load_config
+
+
+def task_xcframework():
+    """macOS, toolchain=source: the IREE runtime for iOS, the simulator and macOS -> build/iree/iree.xcframework"""
+    cfg = load_config()
+    if platform.system() != "Darwin":
+        return {"actions": [fail(f"xcframework needs macOS with Xcode; this is {platform.system()}")]}
+    if cfg.toolchain != "source":
+        # The runtime is cross-built from the same checkout as the compiler,
+        # with the host tools that build installs.
+        return {"actions": [fail("xcframework builds IREE's runtime from source: "
+                                 "run `doit toolchain=source xcframework` (iree_ref=... picks the IREE)")]}
+    return {
+        "actions": [call("gpt2_iree.xcframework:build", IREE)],
+        "task_dep": ["iree_build"],
+        "targets": [IREE.xcframework_record],
+        "uptodate": [(xcframework.current, [IREE])],
+    }
