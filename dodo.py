@@ -11,15 +11,15 @@ from tasks.export import task_export  # noqa: F401
 from tasks.iree_source import task_iree_build, task_iree_source  # noqa: F401
 from tasks.toolchain import task_toolchain  # noqa: F401
 from tasks.verify import task_verify  # noqa: F401
-from tasks.xcframework import task_xcframework  # noqa: F401
+from tasks.xcframework import is_default as xcframework_is_default, task_xcframework  # noqa: F401
 
-_state = load_config().state_file
-_state.parent.mkdir(parents=True, exist_ok=True)
+_config = load_config()
+_config.state_file.parent.mkdir(parents=True, exist_ok=True)
 
 DOIT_CONFIG = {
-    "default_tasks": ["verify"],
+    "default_tasks": ["verify", *(["xcframework"] if xcframework_is_default(_config) else [])],
     # sqlite3: two doit processes at once must not corrupt the state (dbm/json do).
     "backend": "sqlite3",
-    "dep_file": str(_state),
+    "dep_file": str(_config.state_file),
     "verbosity": 1,
 }

@@ -7,6 +7,11 @@ from tasks.actions import call, fail
 from tasks.config import IREE, load_config
 
 
+def is_default(cfg) -> bool:
+    """Part of a plain `doit` where it can run: on a Mac, building from source."""
+    return platform.system() == "Darwin" and cfg.toolchain == "source"
+
+
 def task_xcframework():
     """macOS, toolchain=source: the IREE runtime for iOS, the simulator and macOS -> build/iree/iree.xcframework"""
     cfg = load_config()
