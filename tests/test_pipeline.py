@@ -5,52 +5,18 @@ what a user relies on — a second run does nothing, a change re-runs only the
 stages downstream of it, `doit clean` leaves nothing behind.
 """
 
-import importlib.util
-import inspect
-import io
 import json
 import shutil
 from pathlib import Path
 
 import pytest
-from doit.cmd_base import NamespaceTaskLoader
-from doit.doit_cmd import DoitMain
+from doit_runner import doit, doit_main, ran
 
 import tasks.export
 from tasks.config import LIBRARY
 
-REPO = Path(__file__).resolve().parent.parent
 TINY = ["model=tiny", "targets=cpu,metal"]
 BUILD = Path("build/tiny/pretrained-b1-k8-s64-adafactor")
-
-
-class DodoLoader(NamespaceTaskLoader):
-    """The repo's dodo.py, executed afresh when doit loads it, as `doit` does:
-    after the command line's vars are set, which its DOIT_CONFIG reads."""
-
-    def setup(self, opt_values):
-        spec = importlib.util.spec_from_file_location("dodo", REPO / "dodo.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        self.namespace = dict(inspect.getmembers(module))
-
-
-def doit_main(*args: str, **extra_config) -> int:
-    return DoitMain(DodoLoader(), config_filenames=(), extra_config=extra_config).run(list(args))
-
-
-def doit(*args: str) -> tuple[int, dict[str, str]]:
-    """Run doit; return its exit code and each task's result
-    ("success", "up-to-date", "fail")."""
-    out = io.StringIO()
-    code = doit_main("--reporter", "json", *args, run={"outfile": out})
-    report = json.loads(out.getvalue())
-    return code, {t["name"]: t["result"] for t in report["tasks"]}
-
-
-def ran(results: dict[str, str]) -> set[str]:
-    """The stages that ran (not the `compile`/`verify` groups, which have no action)."""
-    return {name for name, result in results.items() if result == "success"} - {"compile", "verify"}
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +36,7 @@ def in_workdir(workdir, monkeypatch):
 
 
 def test_first_run_builds_and_verifies_everything():
-    code, results = doit(*TINY)
+    code, results, _ = doit(*TINY)
     assert code == 0, results
     assert ran(results) == {"assets", "toolchain", "export", "compile:cpu", "compile:metal",
                             "verify:cpu", "verify:metal"}
@@ -83,13 +49,13 @@ def test_first_run_builds_and_verifies_everything():
 
 
 def test_second_run_is_all_up_to_date():
-    code, results = doit(*TINY)
+    code, results, _ = doit(*TINY)
     assert code == 0
     assert ran(results) == set(), results
 
 
 def test_a_new_target_compiles_only_that_target():
-    code, results = doit("model=tiny", "targets=cpu,metal,ios")
+    code, results, _ = doit("model=tiny", "targets=cpu,metal,ios")
     assert code == 0
     assert ran(results) == {"compile:ios", "verify:ios"}
 
@@ -97,7 +63,7 @@ def test_a_new_target_compiles_only_that_target():
 def test_editing_export_code_reexports_but_not_assets():
     with open("model_copy.py", "a") as f:
         f.write("\n# an edit\n")
-    code, results = doit(*TINY)
+    code, results, _ = doit(*TINY)
     assert code == 0
     assert ran(results) == {"export"}
     # The module it wrote is the same text, so nothing downstream recompiles.
@@ -105,12 +71,12 @@ def test_editing_export_code_reexports_but_not_assets():
 
 
 def test_a_new_shape_rebuilds_downstream_of_assets_only():
-    code, results = doit("model=tiny", "targets=cpu", "seq_len=32")
+    code, results, _ = doit("model=tiny", "targets=cpu", "seq_len=32")
     assert code == 0
     assert ran(results) == {"export", "compile:cpu", "verify:cpu"}
     assert Path("build/tiny/pretrained-b1-k8-s32-adafactor/verify-cpu.json").is_file()
     # Switching back finds the old outputs still up to date.
-    code, results = doit(*TINY)
+    code, results, _ = doit(*TINY)
     assert ran(results) == set(), results
 
 

@@ -15,8 +15,6 @@ test_pipeline.py. The real IREE is built by the network-marked test at the end.
 
 import importlib.metadata
 import importlib.util
-import inspect
-import io
 import json
 import platform
 import shutil
@@ -25,45 +23,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from doit.cmd_base import NamespaceTaskLoader
-from doit.doit_cmd import DoitMain
+from doit_runner import doit, doit_main, ran
 
 from gpt2_iree import source_build
 from tasks.config import parse_config
 
-REPO = Path(__file__).resolve().parent.parent
 STANDIN = Path(__file__).resolve().parent / "iree_standin"
 INSTALL = Path("build/iree/install")
 SOURCE_BUILD = Path("build/tiny/pretrained-b1-k8-s64-adafactor-source")
 WHEEL_BUILD = Path("build/tiny/pretrained-b1-k8-s64-adafactor")
 WHEEL = ["model=tiny", "targets=cpu"]
 PIPELINE = {"toolchain", "export", "compile:cpu", "verify:cpu"}
-
-
-class DodoLoader(NamespaceTaskLoader):
-    """The repo's dodo.py, executed afresh as `doit` does (see test_pipeline.py)."""
-
-    def setup(self, opt_values):
-        spec = importlib.util.spec_from_file_location("dodo", REPO / "dodo.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        self.namespace = dict(inspect.getmembers(module))
-
-
-def doit_main(*args: str, **extra_config) -> int:
-    return DoitMain(DodoLoader(), config_filenames=(), extra_config=extra_config).run(list(args))
-
-
-def doit(*args: str) -> tuple[int, dict[str, str], dict[str, str]]:
-    """Run doit; its exit code, each task's result, and the failed tasks' messages."""
-    out = io.StringIO()
-    code = doit_main("--reporter", "json", *args, run={"outfile": out})
-    tasks = json.loads(out.getvalue())["tasks"]
-    return code, {t["name"]: t["result"] for t in tasks}, {t["name"]: t["error"] for t in tasks if t["error"]}
-
-
-def ran(results: dict[str, str]) -> set[str]:
-    return {name for name, result in results.items() if result == "success"} - {"compile", "verify"}
 
 
 def git(*args: str, cwd: Path) -> str:
