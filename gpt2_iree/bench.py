@@ -82,7 +82,6 @@ def run_benchmark(build_dir: Path, device: str | None = None, repeats: int = 5, 
     import jax.numpy as jnp
 
     from gpt2_iree import model, runtime
-    from gpt2_iree.archive import read_irpa
 
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0 (got {repeats}, {warmup})")
@@ -96,9 +95,9 @@ def run_benchmark(build_dir: Path, device: str | None = None, repeats: int = 5, 
     log(f"bench: {manifest['model']} (B={B}, K={K}, S={S}, {optimizer}) on IREE {module.device} "
         f"vs JAX {jax.default_backend()}; medians of {repeats} after {warmup} warm-up")
 
-    archive = read_irpa(module.params_path)
-    weight_bytes = sum(v.nbytes for v in archive.values())
-    params = {name: jnp.asarray(archive[name].reshape(shape)) for name, shape in manifest["params"]}
+    weights = module.archive_weights()
+    weight_bytes = sum(v.nbytes for v in weights.values())
+    params = {name: jnp.asarray(v) for name, v in weights.items()}
 
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, cfg.vocab_size, (B, K), dtype=np.int32)

@@ -126,6 +126,14 @@ class Module:
                                        lengths.astype(np.int32), np.float32(learning_rate))
         return float(_host(loss))
 
+    def archive_weights(self) -> dict[str, np.ndarray]:
+        """The weights in the parameter archive the module was opened with,
+        shaped as the module holds them: what a reference runs on."""
+        from gpt2_iree.archive import read_irpa
+
+        weights = read_irpa(self.params_path)
+        return {name: weights[name].reshape(shape) for name, shape in self.manifest["params"]}
+
     def get_params(self) -> dict[str, np.ndarray]:
         values = self.functions.get_params()
         return {name: _host(v) for (name, _), v in zip(self.manifest["params"], values, strict=True)}

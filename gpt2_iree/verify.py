@@ -53,8 +53,7 @@ def check_parity(module, seed: int = 0) -> dict:
     cfg = model.GPT2Config(**manifest["config"])
     shapes = model.Shapes(**manifest["shapes"])
     B, K, S = shapes.batch, shapes.prompt_len, shapes.seq_len
-    params = {name: jnp.asarray(v.reshape(shape))
-              for (name, shape), v in zip(manifest["params"], _archive_in_order(module), strict=True)}
+    params = {name: jnp.asarray(v) for name, v in module.archive_weights().items()}
     rng = np.random.default_rng(seed)
 
     # Rows of different lengths exercise the padding paths of encode and decode.
@@ -116,13 +115,6 @@ def check_parity(module, seed: int = 0) -> dict:
         "worst_param_tensor": {"name": worst, "relative_error": per_tensor[worst]},
         "passed": tokens_equal and all(e <= TOLERANCE for e in errors.values()),
     }
-
-
-def _archive_in_order(module) -> list[np.ndarray]:
-    from gpt2_iree.archive import read_irpa
-
-    weights = read_irpa(module.params_path)
-    return [weights[name] for name, _ in module.manifest["params"]]
 
 
 def exported_functions(dump: str) -> list[str]:
