@@ -8,6 +8,10 @@ import numpy as np
 
 from gpt2_iree.files import replace_atomically
 
+# The scope the module's globals name their parameters in
+# (`#flow.parameter.named<"model"::"wte">`) and the runtime provides them under.
+PARAMETER_SCOPE = "model"
+
 
 def write_irpa(params: dict, path: Path) -> None:
     """Write float32 weights as a parameter archive, atomically."""

@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from gpt2_iree.archive import PARAMETER_SCOPE
 from gpt2_iree.errors import Gpt2IreeError
 
 # iree.runtime driver -> the target whose vmfb it executes.
@@ -78,7 +79,7 @@ class Module:
 
         config = rt.Config(device)
         self._modules = [
-            rt.create_io_parameters_module(config.vm_instance, index.create_provider(scope="model")),
+            rt.create_io_parameters_module(config.vm_instance, index.create_provider(scope=PARAMETER_SCOPE)),
             rt.create_hal_module(config.vm_instance, config.device),
             rt.VmModule.mmap(config.vm_instance, str(vmfb)),
         ]

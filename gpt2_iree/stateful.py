@@ -19,7 +19,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-PARAMETER_SCOPE = "model"
+from gpt2_iree.archive import PARAMETER_SCOPE
 
 _MLIR_TYPES = {
     np.dtype("float32"): "f32",
