@@ -8,7 +8,9 @@ stand in for the original without recompiling.
 
 from __future__ import annotations
 
+import ctypes
 import json
+import platform
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -23,6 +25,10 @@ DRIVER_TARGETS = {"metal": "metal", "local-task": "cpu", "local-sync": "cpu", "v
 DEFAULT_BUILD_DIR = Path("build/gpt2/pretrained-b1-k8-s64-adafactor")
 # Preferred first when no device is named: the GPU this product is for, then the CPU.
 DEVICE_PREFERENCE = ("metal", "cuda", "vulkan", "local-task")
+
+
+# mallopt(3) parameters of glibc's malloc.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
 
 class BuildError(Gpt2IreeError):
@@ -43,6 +49,24 @@ def available_devices() -> list[str]:
         except (RuntimeError, ValueError):  # a driver whose system library (libvulkan, libcuda) is missing
             continue
     return usable
+
+
+def reuse_freed_memory() -> bool:
+    """Have glibc keep freed memory for the next call rather than return it to the
+    kernel; False where the C library is not glibc.
+
+    IREE's CPU device mallocs each call's temporaries (a 124M fine-tuning step:
+    1.2 GB) and frees them when the call ends. glibc serves blocks over 32 MB
+    with a fresh mmap and unmaps them on free, so every call faulted all of its
+    temporaries in again, zeroed by the kernel: 300k page faults, a third of a
+    124M step. With mmap off and trimming off, the heap keeps its high-water mark
+    and the next call reuses it. It holds for the whole process (JAX, in the same
+    process, gains as much).
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, -1))
 
 
 def read_manifest(build_dir: Path) -> dict:
@@ -74,6 +98,8 @@ class Module:
         if not vmfb.is_file():
             raise BuildError(f"{vmfb} is missing; build it with `doit targets={DRIVER_TARGETS[device]}`")
         self.device = device
+        if device.startswith("local"):
+            reuse_freed_memory()
         self.params_path = Path(params) if params else self.build_dir / "gpt2.irpa"
         index = self._load_params(self.params_path)
 
