@@ -109,7 +109,8 @@ def run_benchmark(build_dir: Path, device: str | None = None, repeats: int = 5, 
 
     jax_encode = jax.jit(lambda p, x, n: model.encode(p, cfg, shapes, x, n))
     jax_decode = jax.jit(lambda p, c: model.decode(p, cfg, shapes, c))
-    jax_step = jax.jit(lambda p, o, x, t, n, r: model.train_step(p, o, cfg, optimizer, x, t, n, r))
+    reference = model.make_optimizer(optimizer)
+    jax_step = jax.jit(lambda p, o, x, t, n, r: model.train_step(p, o, cfg, reference, x, t, n, r))
 
     # --- prefill ---
     iree_prefill = _median(_clocked(lambda: module.encode(prompt, lengths)), repeats, warmup)
@@ -140,7 +141,7 @@ def run_benchmark(build_dir: Path, device: str | None = None, repeats: int = 5, 
         f"({steps} steps)")
 
     # --- finetune: both sides carry their weights and optimizer state forward ---
-    state = {"params": params, "opt": model.make_optimizer(optimizer).init(params)}
+    state = {"params": params, "opt": reference.init(params)}
 
     def jax_finetune_run():
         new_params, new_opt, _ = jax.block_until_ready(

@@ -45,7 +45,8 @@ def entries(cfg: model.GPT2Config, shapes: model.Shapes, optimizer: str, params)
 
     def finetune(params, opt_state, text, target, lengths, learning_rate):
         params, opt_state, loss = model.train_step(
-            params, opt_state, cfg, optimizer, text, target, lengths, learning_rate)
+            params, opt_state, cfg, model.make_optimizer(optimizer, for_iree=True), text, target, lengths,
+            learning_rate)
         return (params, opt_state), loss
 
     return [

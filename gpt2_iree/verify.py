@@ -77,9 +77,9 @@ def check_parity(module, seed: int = 0) -> dict:
     text = rng.integers(0, cfg.vocab_size, (B, S), dtype=np.int32)
     target = np.roll(text, -1, axis=1)
     text_lengths = np.array([max(1, S - 1 - b) for b in range(B)], np.int32)
-    opt_state = model.make_optimizer(manifest["optimizer"]).init(params)
-    step = jax.jit(lambda p, o, lr: model.train_step(p, o, cfg, manifest["optimizer"],
-                                                      text, target, text_lengths, lr))
+    optimizer = model.make_optimizer(manifest["optimizer"])
+    opt_state = optimizer.init(params)
+    step = jax.jit(lambda p, o, lr: model.train_step(p, o, cfg, optimizer, text, target, text_lengths, lr))
     losses, ref_losses = [], []
     for _ in range(FINETUNE_STEPS):
         losses.append(module.finetune(text, target, text_lengths, LEARNING_RATE))
