@@ -11,10 +11,13 @@ prompt length K, sequence length S):
 * finetune: one optimizer step on random text (B, S) at learning rate 1e-4, in s.
 
 Every number is the median of `repeats` runs after `warmup` untimed ones (the
-warm-up also absorbs JAX's jit compilation). JAX results are waited for with
-`block_until_ready` before the clock stops; the module's results are copied
-to the host, which waits for them. The JAX side threads its training state from
-step to step as the module does in its globals.
+warm-up also absorbs JAX's jit compilation), IREE and JAX taking turns run by
+run. JAX results are waited for with `block_until_ready` before the clock
+stops; the module's results are copied to the host, which waits for them. The
+JAX side threads its training state from step to step as the module does in
+its globals, and runs optax's Adafactor, its fastest; the module runs the
+rewrite in adafactor.py (the same step; `verify` holds the two together).
+Both sides share this process, so both run with `runtime.reuse_freed_memory`.
 
 The decode floor is the time to read every weight once at this machine's
 memory bandwidth (`measure_bandwidth_gbs`): a decode step of batch 1 must read
@@ -54,15 +57,19 @@ def measure_bandwidth_gbs(megabytes: int = 256, repeats: int = 7) -> float:
     return 2 * src.nbytes / statistics.median(times) / 1e9
 
 
-def _median(run, repeats: int, warmup: int) -> float:
-    """Median over `repeats` runs, after `warmup` runs, of `run()`: seconds it measured."""
+def _paired_medians(iree_run, jax_run, repeats: int, warmup: int) -> tuple[float, float]:
+    """Medians of `repeats` runs of each side, after `warmup` runs of each; a run
+    returns the seconds it measured. The sides take turns run by run, so a
+    slow spell on a shared machine slows both rather than one."""
     for _ in range(warmup):
-        run()
-    return statistics.median(run() for _ in range(repeats))
+        iree_run()
+        jax_run()
+    times = [(iree_run(), jax_run()) for _ in range(repeats)]
+    return statistics.median(t for t, _ in times), statistics.median(t for _, t in times)
 
 
 def _clocked(fn):
-    """`fn` as a run for `_median`: the seconds one whole call of it takes."""
+    """`fn` as a run for `_paired_medians`: the seconds one whole call of it takes."""
     def run() -> float:
         start = time.perf_counter()
         fn()
@@ -113,9 +120,9 @@ def run_benchmark(build_dir: Path, device: str | None = None, repeats: int = 5, 
     jax_step = jax.jit(lambda p, o, x, t, n, r: model.train_step(p, o, cfg, reference, x, t, n, r))
 
     # --- prefill ---
-    iree_prefill = _median(_clocked(lambda: module.encode(prompt, lengths)), repeats, warmup)
-    jax_prefill = _median(_clocked(lambda: jax.block_until_ready(jax_encode(params, prompt, lengths))),
-                          repeats, warmup)
+    iree_prefill, jax_prefill = _paired_medians(
+        _clocked(lambda: module.encode(prompt, lengths)),
+        _clocked(lambda: jax.block_until_ready(jax_encode(params, prompt, lengths))), repeats, warmup)
     log(f"  prefill   IREE {iree_prefill * 1e3:9.3f} ms   JAX {jax_prefill * 1e3:9.3f} ms")
 
     # --- decode: the encode before the steps is not timed ---
@@ -135,8 +142,8 @@ def run_benchmark(build_dir: Path, device: str | None = None, repeats: int = 5, 
         jax.block_until_ready(cache)
         return time.perf_counter() - start
 
-    iree_decode_s = _median(iree_decode_run, repeats, warmup) / steps
-    jax_decode_s = _median(jax_decode_run, repeats, warmup) / steps
+    iree_decode_s, jax_decode_s = (t / steps for t in _paired_medians(iree_decode_run, jax_decode_run,
+                                                                       repeats, warmup))
     log(f"  decode    IREE {iree_decode_s * 1e3:9.3f} ms/token   JAX {jax_decode_s * 1e3:9.3f} ms/token "
         f"({steps} steps)")
 
@@ -148,9 +155,9 @@ def run_benchmark(build_dir: Path, device: str | None = None, repeats: int = 5, 
             jax_step(state["params"], state["opt"], text, target, text_lengths, lr))
         state["params"], state["opt"] = new_params, new_opt
 
-    iree_finetune = _median(_clocked(lambda: module.finetune(text, target, text_lengths, FINETUNE_LR)),
-                            repeats, warmup)
-    jax_finetune = _median(_clocked(jax_finetune_run), repeats, warmup)
+    iree_finetune, jax_finetune = _paired_medians(
+        _clocked(lambda: module.finetune(text, target, text_lengths, FINETUNE_LR)), _clocked(jax_finetune_run),
+        repeats, warmup)
     log(f"  finetune  IREE {iree_finetune:9.4f} s/step   JAX {jax_finetune:9.4f} s/step")
 
     bandwidth = measure_bandwidth_gbs()

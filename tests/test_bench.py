@@ -64,3 +64,14 @@ def test_plot_writes_a_png(result, tmp_path):
 
 def test_bandwidth_is_plausible():
     assert 0.1 < bench.measure_bandwidth_gbs() < 10000
+
+
+def test_the_two_sides_take_turns():
+    # A slow spell on a shared machine must slow both sides, not whichever ran then.
+    calls = []
+
+    def side(name, seconds):
+        return lambda: calls.append(name) or seconds
+
+    assert bench._paired_medians(side("iree", 1.0), side("jax", 2.0), repeats=3, warmup=1) == (1.0, 2.0)
+    assert calls == ["iree", "jax"] * 4
