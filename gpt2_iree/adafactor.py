@@ -49,8 +49,11 @@ def _row_axis(shape) -> int | None:
     optax means g² over the largest dim into `v_row` and over the other into
     `v_col`; a tie (a square matrix) makes axis 1 the largest, as argsort does.
     """
-    if len(shape) != 2 or min(shape) < MIN_DIM_TO_FACTOR:
+    if len(shape) < 2 or sorted(shape)[-2] < MIN_DIM_TO_FACTOR:
         return None
+    if len(shape) > 2:
+        raise ValueError(f"a weight of shape {tuple(shape)}: adafactor.py factors matrices only "
+                         f"(optax.adafactor would factor its two largest dims)")
     return int(np.argsort(shape)[0])
 
 

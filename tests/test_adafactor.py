@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import optax
+import pytest
 
 from gpt2_iree import adafactor
 
@@ -36,3 +37,10 @@ def test_matches_optax_step_for_step():
             np.testing.assert_allclose(ours_leaf, theirs_leaf, rtol=1e-5)
         params = optax.apply_updates(params, u_theirs)
     assert int(state_ours[0].count) == steps
+
+
+def test_a_weight_optax_would_factor_over_more_than_two_dims_is_refused():
+    params = {"w": np.zeros((2, 128, 128), np.float32)}
+    opt = adafactor.adafactor()
+    with pytest.raises(ValueError, match=r"shape \(2, 128, 128\).*matrices only"):
+        opt.update(params, opt.init(params), params)
