@@ -7,7 +7,9 @@ helpers such as `@_where` collide across entries), and a public wrapper per
 entry loads the state it reads from `util.global`s, calls the lowered body and
 stores the state it writes. Parameters are globals initialised from a named
 parameter archive (`#flow.parameter.named<"model"::"key">`), so the weights
-ship in a `.irpa` beside the module instead of inside it.
+ship in a `.irpa` beside the module instead of inside it. State that no entry
+writes is constant: an initializer may compute it from the parameters when the
+module loads (the generation module's float16 weights).
 """
 
 from __future__ import annotations
@@ -111,36 +113,51 @@ def _rename_into(text: str, prefix: str, ctx) -> list[str]:
     return [str(op) for op in funcs]
 
 
-def build_module(module_name: str, state: dict[str, Any], param_group: str, entries: list[Entry]) -> str:
+def build_module(module_name: str, state: dict[str, Any], param_group: str, entries: list[Entry],
+                 initializer: Entry | None = None) -> str:
     """The MLIR text of one module holding `state` as globals and `entries` as functions.
 
-    `state` maps group name -> pytree of initial values. The group named
-    `param_group` must be a flat dict; its globals are read from the parameter
-    archive under the dict's keys. Every other group starts as the splat of its
-    initial values (the KV cache and optimizer state start at zero).
+    `state` maps group name -> pytree of initial values (or of their shapes and
+    dtypes). The group named `param_group` must be a flat dict; its globals are
+    read from the parameter archive under the dict's keys. `initializer`, an
+    entry without arguments or result, runs once when the module loads and
+    computes the groups it writes from those it reads. Every other group starts
+    as the splat of its initial values (the KV cache and optimizer state start
+    at zero).
+
+    A group is mutable if an entry writes it. The others are constant once the
+    module has loaded, so IREE may transform them once, at load, instead of in
+    every call (data tiling packs a constant weight there).
     """
     from iree.compiler import ir
 
+    written = {group for entry in entries for group in entry.writes}
+    computed = set(initializer.writes) if initializer else set()
+    if written & computed:
+        raise ValueError(f"groups written both at load and by an entry: {sorted(written & computed)}")
     globals_ = {}  # group -> [(global name, leaf)]
     lines = [f"module @{module_name} {{"]
     for group, tree in state.items():
         leaves_with_paths = jax.tree_util.tree_flatten_with_path(tree)[0]
         globals_[group] = []
+        mutable = " mutable" if group in written else ""
         for path, leaf in leaves_with_paths:
             name = _global_name(group, path)
-            if group == param_group:
-                init = f'#flow.parameter.named<"{PARAMETER_SCOPE}"::"{path[0].key}">'
+            if group in computed:
+                init = ""
+            elif group == param_group:
+                init = f' = #flow.parameter.named<"{PARAMETER_SCOPE}"::"{path[0].key}">'
             else:
-                init = _splat(leaf)
-            lines.append(f"  util.global private mutable @{name} = {init} : {tensor_type(leaf)}")
+                init = f" = {_splat(leaf)}"
+            lines.append(f"  util.global private{mutable} @{name}{init} : {tensor_type(leaf)}")
             globals_[group].append((name, leaf))
 
     ctx = ir.Context()
     bodies = []
-    for entry in entries:
+    for entry in ([initializer] if initializer else []) + entries:
         text, in_avals, result_leaves = _lower(entry, state)
         bodies += _rename_into(text, entry.name, ctx)
-        lines += _wrapper(entry, globals_, in_avals, result_leaves)
+        lines += _wrapper(entry, globals_, in_avals, result_leaves, at_load=entry is initializer)
     lines += bodies
     lines.append("}")
     module_text = "\n".join(lines) + "\n"
@@ -148,14 +165,17 @@ def build_module(module_name: str, state: dict[str, Any], param_group: str, entr
     return module_text
 
 
-def _wrapper(entry: Entry, globals_: dict, in_avals: list, result_leaves: list) -> list[str]:
-    """The public function: load read globals, call the body, store written globals."""
+def _wrapper(entry: Entry, globals_: dict, in_avals: list, result_leaves: list, at_load: bool = False) -> list[str]:
+    """The public function (or, `at_load`, the module's initializer): load read
+    globals, call the body, store written globals."""
     reads = [g for group in entry.reads for g in globals_[group]]
     writes = [g for group in entry.writes for g in globals_[group]]
     arg_avals = in_avals[len(reads):]
     args = [f"%arg{i}: {tensor_type(a)}" for i, a in enumerate(arg_avals)]
     results = ", ".join(tensor_type(r) for r in result_leaves)
-    out = [f"  func.func @{entry.name}({', '.join(args)}) -> ({results}) {{"]
+    if at_load and (arg_avals or result_leaves):
+        raise ValueError(f"initializer {entry.name!r} takes no arguments and returns no result")
+    out = [f"  util.initializer {{" if at_load else f"  func.func @{entry.name}({', '.join(args)}) -> ({results}) {{"]
     operands = []
     for i, (name, leaf) in enumerate(reads):
         out.append(f"    %s{i} = util.global.load @{name} : {tensor_type(leaf)}")
@@ -164,12 +184,13 @@ def _wrapper(entry: Entry, globals_: dict, in_avals: list, result_leaves: list) 
     in_types = ", ".join(tensor_type(a) for a in in_avals)
     out_types = [tensor_type(leaf) for _, leaf in writes] + [tensor_type(r) for r in result_leaves]
     n_out = len(out_types)
-    call = f"call @{entry.name}$main({', '.join(operands)}) : ({in_types}) -> ({', '.join(out_types)})"
+    call = f"func.call @{entry.name}$main({', '.join(operands)}) : ({in_types}) -> ({', '.join(out_types)})"
     out.append(f"    %r:{n_out} = {call}" if n_out > 1 else f"    %r = {call}")
     ref = (lambda i: f"%r#{i}") if n_out > 1 else (lambda i: "%r")
     for i, (name, leaf) in enumerate(writes):
         out.append(f"    util.global.store {ref(i)}, @{name} : {tensor_type(leaf)}")
     returned = [ref(len(writes) + i) for i in range(len(result_leaves))]
-    out.append(f"    return {', '.join(returned)} : {results}" if returned else "    return")
+    out.append(f"    return {', '.join(returned)} : {results}" if returned else
+               "    util.return" if at_load else "    return")
     out.append("  }")
     return out
