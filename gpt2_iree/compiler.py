@@ -1,14 +1,15 @@
-"""Run `iree-compile` for one target: atomic output, full log beside it."""
+"""Run `iree-compile` for one target: atomic outputs, full logs beside them."""
 
 from __future__ import annotations
 
 import os
 import shlex
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from gpt2_iree.errors import Gpt2IreeError
-from gpt2_iree.targets import Target, compile_command, get_target
+from gpt2_iree.targets import Target, compile_command, get_target, log_name, vmfb_name
 from gpt2_iree.toolchain import read_record
 
 LOG_TAIL_LINES = 40
@@ -18,12 +19,13 @@ class CompileError(Gpt2IreeError):
     pass
 
 
-def compile_module(compiler: str, mlir: Path, target: Target, vmfb: Path, log: Path) -> None:
-    """Compile `mlir` into `vmfb`; on failure raise with the log's tail.
-    The unfinished output is removed whatever happens."""
+def compile_module(compiler: str, mlir: Path, target: Target, vmfb: Path, log: Path, generation: bool = False) -> None:
+    """Compile `mlir` into `vmfb` (with `generation`, as the target's generation
+    module); on failure raise with the log's tail. The unfinished output is
+    removed whatever happens."""
     tmp = vmfb.with_name(vmfb.name + ".tmp")
     try:
-        cmd = compile_command(compiler, target, mlir, tmp)
+        cmd = compile_command(compiler, target, mlir, tmp, generation)
         with open(log, "w") as log_file:
             log_file.write(shlex.join(cmd) + "\n")
             log_file.flush()
@@ -37,7 +39,24 @@ def compile_module(compiler: str, mlir: Path, target: Target, vmfb: Path, log: P
         tmp.unlink(missing_ok=True)
 
 
-def compile_for(toolchain_json: Path, mlir: Path, target_name: str, vmfb: Path, log: Path) -> None:
-    """The compile stage: the toolchain's `iree-compile` for one named target."""
-    compiler = read_record(toolchain_json)["iree_compile"]
-    compile_module(compiler, Path(mlir), get_target(target_name), Path(vmfb), Path(log))
+def compile_target(compiler: str, build_dir: Path, target_name: str) -> None:
+    """`compiler` (an iree-compile) builds the target's whole module from
+    gpt2.mlir and, where the target has one, its generation module from
+    gpt2-generate.mlir, side by side: one iree-compile keeps about one of this
+    machine's two cores busy."""
+    target, build_dir = get_target(target_name), Path(build_dir)
+
+    def build(mlir: str, generation: bool) -> None:
+        vmfb = vmfb_name(target_name, generation)
+        compile_module(compiler, build_dir / mlir, target, build_dir / vmfb, build_dir / log_name(vmfb), generation)
+
+    jobs = [("gpt2.mlir", False)] + ([("gpt2-generate.mlir", True)] if target.generate_flags is not None else [])
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        futures = [pool.submit(build, *job) for job in jobs]
+    for future in futures:
+        future.result()
+
+
+def compile_for(toolchain_json: Path, build_dir: Path, target_name: str) -> None:
+    """The compile stage: `compile_target` with the toolchain's iree-compile."""
+    compile_target(read_record(toolchain_json)["iree_compile"], build_dir, target_name)

@@ -1,12 +1,19 @@
-"""GPT-2 as one stateful IREE module: the entry points and the files they make.
+"""GPT-2 as stateful IREE modules: the entry points and the files they make.
 
-The module `@gpt2` exports
+The module `@gpt2` (gpt2.mlir) exports
   encode(prompt[B,K] i32, lengths[B] i32) -> next token[B,1]   fills the KV cache
   decode() -> next token[B,1]                                    extends it one step
   finetune(text[B,S], target[B,S], lengths[B], learning_rate) -> loss
   get_params() -> every weight;  set_params(every weight)
   get_state() -> the last step's logits and the KV cache (for verification)
 and keeps the weights, KV cache and optimizer state in globals between calls.
+
+The module `@gpt2_generate` (gpt2-generate.mlir) exports only encode, decode
+and get_state, for generation at half the memory traffic: it reads the same
+float32 archive once, at load, into float16 weights that no call changes. Being
+constant, they can be prepared for the machine once (on the CPU, data tiling
+packs them for its matrix-vector kernels): a 124M decode step takes 9 ms there
+instead of 20. After fine-tuning, the runtime opens it again on the new weights.
 """
 
 from __future__ import annotations
@@ -25,23 +32,39 @@ from gpt2_iree.files import replace_atomically, sha256_file, write_json, write_t
 
 MODULE_NAME = "gpt2"
 FUNCTIONS = ("encode", "decode", "finetune", "get_params", "set_params", "get_state")
+GENERATE_MODULE_NAME = "gpt2_generate"
+GENERATE_FUNCTIONS = ("encode", "decode", "get_state")
+GENERATE_DTYPE = np.dtype("float16")
 
 
 def _i32(*shape):
     return jax.ShapeDtypeStruct(shape, jnp.int32)
 
 
+def _generation(cfg: model.GPT2Config, shapes: model.Shapes, weights: str, upcast) -> dict[str, stateful.Entry]:
+    """encode, decode and get_state, reading the weights from state group `weights`
+    and computing in float32 (`upcast` turns the stored weights into float32)."""
+    B, K = shapes.batch, shapes.prompt_len
+
+    def encode(stored, prompt, lengths):
+        cache, token = model.encode(upcast(stored), cfg, shapes, prompt, lengths)
+        return (cache,), token[:, None]
+
+    def decode(stored, cache):
+        cache, token = model.decode(upcast(stored), cfg, shapes, cache)
+        return (cache,), token[:, None]
+
+    return {
+        "encode": stateful.Entry("encode", encode, (_i32(B, K), _i32(B)), reads=(weights,), writes=("cache",)),
+        "decode": stateful.Entry("decode", decode, reads=(weights, "cache"), writes=("cache",)),
+        "get_state": stateful.Entry("get_state", lambda cache: ((), cache), reads=("cache",)),
+    }
+
+
 def entries(cfg: model.GPT2Config, shapes: model.Shapes, optimizer: str, params) -> list[stateful.Entry]:
-    B, K, S = shapes.batch, shapes.prompt_len, shapes.seq_len
+    """The entry points of `@gpt2`, in FUNCTIONS order."""
+    B, S = shapes.batch, shapes.seq_len
     param_avals = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in params.items()}
-
-    def encode(params, prompt, lengths):
-        cache, token = model.encode(params, cfg, shapes, prompt, lengths)
-        return (cache,), token[:, None]
-
-    def decode(params, cache):
-        cache, token = model.decode(params, cfg, shapes, cache)
-        return (cache,), token[:, None]
 
     def finetune(params, opt_state, text, target, lengths, learning_rate):
         params, opt_state, loss = model.train_step(
@@ -49,16 +72,14 @@ def entries(cfg: model.GPT2Config, shapes: model.Shapes, optimizer: str, params)
             learning_rate)
         return (params, opt_state), loss
 
-    return [
-        stateful.Entry("encode", encode, (_i32(B, K), _i32(B)), reads=("params",), writes=("cache",)),
-        stateful.Entry("decode", decode, reads=("params", "cache"), writes=("cache",)),
-        stateful.Entry("finetune", finetune,
-                       (_i32(B, S), _i32(B, S), _i32(B), jax.ShapeDtypeStruct((), jnp.float32)),
-                       reads=("params", "opt"), writes=("params", "opt")),
-        stateful.Entry("get_params", lambda params: ((), params), reads=("params",)),
-        stateful.Entry("set_params", lambda new: ((new,), ()), (param_avals,), writes=("params",)),
-        stateful.Entry("get_state", lambda cache: ((), cache), reads=("cache",)),
-    ]
+    table = _generation(cfg, shapes, "params", lambda params: params) | {
+        "finetune": stateful.Entry("finetune", finetune,
+                                   (_i32(B, S), _i32(B, S), _i32(B), jax.ShapeDtypeStruct((), jnp.float32)),
+                                   reads=("params", "opt"), writes=("params", "opt")),
+        "get_params": stateful.Entry("get_params", lambda params: ((), params), reads=("params",)),
+        "set_params": stateful.Entry("set_params", lambda new: ((new,), ()), (param_avals,), writes=("params",)),
+    }
+    return [table[name] for name in FUNCTIONS]
 
 
 def initial_state(cfg: model.GPT2Config, shapes: model.Shapes, optimizer: str, params) -> dict:
@@ -70,9 +91,25 @@ def initial_state(cfg: model.GPT2Config, shapes: model.Shapes, optimizer: str, p
 
 
 def export_mlir(cfg: model.GPT2Config, shapes: model.Shapes, optimizer: str, params) -> str:
-    """The module's MLIR text. Only the shapes of `params` matter here."""
+    """The text of `@gpt2`. Only the shapes of `params` matter here."""
     state = initial_state(cfg, shapes, optimizer, params)
     return stateful.build_module(MODULE_NAME, state, "params", entries(cfg, shapes, optimizer, params))
+
+
+def export_generate_mlir(cfg: model.GPT2Config, shapes: model.Shapes, params) -> str:
+    """The text of `@gpt2_generate`: the float32 params, read from the archive,
+    become float16 `weights` when the module loads."""
+    def to_half(params):
+        return ({k: w.astype(GENERATE_DTYPE) for k, w in params.items()},), ()
+
+    def upcast(weights):
+        return {k: w.astype(jnp.float32) for k, w in weights.items()}
+
+    half = {k: jax.ShapeDtypeStruct(np.shape(v), GENERATE_DTYPE) for k, v in params.items()}
+    state = {"params": params, "weights": half, "cache": model.empty_cache(cfg, shapes)}
+    table = _generation(cfg, shapes, "weights", upcast)
+    return stateful.build_module(GENERATE_MODULE_NAME, state, "params", [table[n] for n in GENERATE_FUNCTIONS],
+                                 initializer=stateful.Entry("to_half", to_half, reads=("params",), writes=("weights",)))
 
 
 def load_model(model_dir: Path | None, weights: str, shape: dict | None = None):
@@ -91,13 +128,14 @@ def load_model(model_dir: Path | None, weights: str, shape: dict | None = None):
 
 def export_build(out_dir: Path, name: str, cfg: model.GPT2Config, params: dict, shapes: model.Shapes,
                  optimizer: str, weights: str, tokenizer: Path | None) -> None:
-    """Write gpt2.mlir, gpt2.irpa, tokenizer.json and manifest.json into `out_dir`.
+    """Write gpt2.mlir, gpt2-generate.mlir, gpt2.irpa, tokenizer.json and manifest.json into `out_dir`.
 
     The manifest is what the runtime reads to open the build, and what later
     stages depend on instead of hashing the (large) archive again.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / "gpt2.mlir", export_mlir(cfg, shapes, optimizer, params))
+    write_text(out_dir / "gpt2-generate.mlir", export_generate_mlir(cfg, shapes, params))
     write_irpa(params, out_dir / "gpt2.irpa")
     if tokenizer:
         replace_atomically(out_dir / "tokenizer.json", lambda tmp: shutil.copyfile(tokenizer, tmp))
@@ -108,6 +146,8 @@ def export_build(out_dir: Path, name: str, cfg: model.GPT2Config, params: dict, 
         "optimizer": optimizer,
         "weights": weights,
         "functions": list(FUNCTIONS),
+        "generate": {"module": GENERATE_MODULE_NAME, "functions": list(GENERATE_FUNCTIONS),
+                     "weights_dtype": GENERATE_DTYPE.name},
         # get_params/set_params order: JAX flattens a dict in sorted key order.
         "params": [[k, list(params[k].shape)] for k in sorted(params)],
         "state": sorted(model.empty_cache(cfg, shapes)),

@@ -18,6 +18,7 @@ import numpy as np
 
 from gpt2_iree.archive import PARAMETER_SCOPE
 from gpt2_iree.errors import Gpt2IreeError
+from gpt2_iree.targets import vmfb_name
 
 # iree.runtime driver -> the target whose vmfb it executes.
 DRIVER_TARGETS = {"metal": "metal", "local-task": "cpu", "local-sync": "cpu", "vulkan": "vulkan", "cuda": "cuda"}
@@ -78,13 +79,22 @@ def read_manifest(build_dir: Path) -> dict:
 
 
 class Module:
-    """The compiled module on one device, its weights from one parameter archive."""
+    """A compiled module of a build on one device, its weights read from a
+    parameter archive or, given as `weights`, from arrays in memory.
 
-    def __init__(self, build_dir: Path, device: str | None = None, params: Path | None = None):
+    `generation` opens the build's generation module (encode, decode and
+    get_state on float16 weights, see export.py) instead of the whole module.
+    """
+
+    def __init__(self, build_dir: Path, device: str | None = None, params: Path | None = None,
+                 generation: bool = False, weights: dict[str, np.ndarray] | None = None):
         import iree.runtime as rt
 
         self.build_dir = Path(build_dir)
         self.manifest = read_manifest(self.build_dir)
+        self.generation = generation
+        if generation and "generate" not in self.manifest:
+            raise BuildError(f"{self.build_dir} predates the generation module; rebuild it with `doit`")
         have = available_devices()
         if device is None:
             built = [d for d in DEVICE_PREFERENCE if d in have and self._vmfb(d).is_file()]
@@ -100,8 +110,13 @@ class Module:
         self.device = device
         if device.startswith("local"):
             reuse_freed_memory()
-        self.params_path = Path(params) if params else self.build_dir / "gpt2.irpa"
-        index = self._load_params(self.params_path)
+        if weights is None:
+            self.params_path, self._weights = Path(params) if params else self.build_dir / "gpt2.irpa", None
+            index = self._load_params(self.params_path)
+        else:
+            # The index refers to the arrays' memory: they must outlive the module.
+            self.params_path, self._weights = None, {k: np.ascontiguousarray(v) for k, v in weights.items()}
+            index = self._index_of(self._weights)
 
         config = rt.Config(device)
         self._modules = [
@@ -110,14 +125,14 @@ class Module:
             rt.VmModule.mmap(config.vm_instance, str(vmfb)),
         ]
         self._context = rt.SystemContext(vm_modules=self._modules, config=config)
-        self.functions = self._context.modules.gpt2
+        name = self.manifest["generate"]["module"] if generation else "gpt2"
+        self.functions = getattr(self._context.modules, name)
 
     def _vmfb(self, device: str) -> Path:
-        return self.build_dir / f"gpt2-{DRIVER_TARGETS[device]}.vmfb"
+        return self.build_dir / vmfb_name(DRIVER_TARGETS[device], self.generation)
 
     def _load_params(self, path: Path):
-        """The archive's index; one whose keys or sizes differ from the module's is
-        refused here, before IREE fails on it somewhere deep inside the first call."""
+        """The archive's index, refused if it does not fit the module."""
         import iree.runtime as rt
 
         if not path.is_file():
@@ -127,7 +142,24 @@ class Module:
             index.load(str(path))
         except (RuntimeError, ValueError) as err:
             raise BuildError(f"{path} is not an IREE parameter archive: {err}") from None
-        sizes = {key: entry.length for key, entry in index.items()}
+        self._check_sizes({key: entry.length for key, entry in index.items()}, f"{path} does")
+        return index
+
+    def _index_of(self, weights: dict[str, np.ndarray]):
+        """An index of float32 `weights` in memory, refused if they do not fit the module."""
+        import iree.runtime as rt
+
+        self._check_sizes({k: v.nbytes if v.dtype == np.float32 else -1 for k, v in weights.items()},
+                          "the weights given do")
+        index = rt.ParameterIndex()
+        for name, value in weights.items():
+            index.add_buffer(name, value)
+        return index
+
+    def _check_sizes(self, sizes: dict[str, int], subject: str) -> None:
+        """Refuse weights whose keys or byte sizes differ from the module's here,
+        before IREE fails on them somewhere deep inside the first call;
+        `subject` names them in the message ("x.irpa does")."""
         expected = {name: 4 * int(np.prod(shape)) for name, shape in self.manifest["params"]}
         missing = sorted(set(expected) - set(sizes))
         extra = sorted(set(sizes) - set(expected))
@@ -135,8 +167,7 @@ class Module:
         if missing or extra or wrong:
             parts = [f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
                      for label, keys in (("missing", missing), ("unexpected", extra), ("wrong size", wrong)) if keys]
-            raise BuildError(f"{path} does not match the module in {self.build_dir} ({'; '.join(parts)})")
-        return index
+            raise BuildError(f"{subject} not match the module in {self.build_dir} ({'; '.join(parts)})")
 
     # --- raw entry points, numpy in and out ---
     # Results are copied: `to_host()` can map the device buffer itself, which
@@ -154,12 +185,12 @@ class Module:
         return float(_host(loss))
 
     def archive_weights(self) -> dict[str, np.ndarray]:
-        """The weights in the parameter archive the module was opened with,
-        shaped as the module holds them: what a reference runs on."""
+        """The weights the module was opened with (its archive's, or those given),
+        float32 and shaped as the module holds them: what a reference runs on."""
         from gpt2_iree.archive import read_irpa
 
-        weights = read_irpa(self.params_path)
-        return {name: weights[name].reshape(shape) for name, shape in self.manifest["params"]}
+        weights = self._weights if self._weights is not None else read_irpa(self.params_path)
+        return {name: np.array(weights[name], np.float32).reshape(shape) for name, shape in self.manifest["params"]}
 
     def get_params(self) -> dict[str, np.ndarray]:
         values = self.functions.get_params()
@@ -173,22 +204,33 @@ class Module:
         return {name: _host(v) for name, v in zip(self.manifest["state"], values, strict=True)}
 
 
+def has_generation_module(module: Module) -> bool:
+    """Whether `module`'s build has a generation module for its device."""
+    vmfb = module.build_dir / vmfb_name(DRIVER_TARGETS[module.device], generation=True)
+    return "generate" in module.manifest and vmfb.is_file()
+
+
 def _host(value) -> np.ndarray:
     return np.array(value.to_host(), copy=True)
 
 
 class Session:
-    """Generate and fine-tune with text, through the compiled module.
+    """Generate and fine-tune with text, through the compiled modules.
 
     The module keeps its weights between calls: after `finetune`, `generate`
     uses the fine-tuned weights, and `save_params` writes them to a `.irpa`
     that `Session(build_dir, params=...)` opens later in place of the original.
+    `generate` runs on the generation module where the build has one for the
+    device (float16 weights, twice as fast), opened on the current weights when
+    first needed; else on the whole module.
     """
 
     def __init__(self, build_dir: Path = DEFAULT_BUILD_DIR, device: str | None = None, params: Path | None = None):
         from gpt2_iree.tokenizer import Tokenizer
 
         self.module = Module(build_dir, device, params)
+        self._generator: Module | None = None  # the generation module, once opened
+        self._tuned = False  # whether the weights have changed since the archive
         manifest = self.module.manifest
         shapes = manifest["shapes"]
         self.batch, self.prompt_len, self.seq_len = shapes["batch"], shapes["prompt_len"], shapes["seq_len"]
@@ -224,7 +266,8 @@ class Session:
         limit = min(max_new_tokens, self.seq_len - len(ids) + 1)
         new: list[int] = []
         text = ""
-        token = int(self.module.encode(prompt_ids, lengths)[0, 0])
+        generator = self.generation_module()
+        token = int(generator.encode(prompt_ids, lengths)[0, 0])
         while True:
             if token == self.tokenizer.eot_id:
                 return
@@ -237,7 +280,16 @@ class Session:
                 text = decoded
             if len(new) >= limit:
                 return
-            token = int(self.module.decode()[0, 0])
+            token = int(generator.decode()[0, 0])
+
+    def generation_module(self) -> Module:
+        """The module `generate` runs on: the generation module on the current
+        weights where the build has one for this device, else the whole module."""
+        module = self.module
+        if self._generator is None and has_generation_module(module):
+            self._generator = Module(module.build_dir, module.device, module.params_path, generation=True,
+                                     weights=module.get_params() if self._tuned else None)
+        return self._generator or module
 
     def encode_texts(self, texts: list[str]) -> list[list[int]]:
         """Token ids of fine-tuning texts, each ending in end-of-text so the
@@ -276,6 +328,7 @@ class Session:
                 text[r, : len(ids) - 1] = ids[:-1]
                 target[r, : len(ids) - 1] = ids[1:]
             losses.append(self.module.finetune(text, target, lengths, learning_rate))
+            self._generator, self._tuned = None, True  # its weights are the old ones now
             if on_step:
                 on_step(step, losses[-1])
         return losses

@@ -1,10 +1,12 @@
-"""Prove a compiled module right: run it against the JAX reference on the same weights.
+"""Prove the compiled modules right: run them against the JAX reference on the same weights.
 
 For a target this host executes, every entry point is compared with the same
 JAX functions the module was lowered from: greedy tokens must be equal, and
 logits, KV cache, losses and fine-tuned weights within TOLERANCE relative
-(norm of the difference over norm of the reference). For a target this host
-cannot run, the artifact is checked structurally instead.
+(norm of the difference over norm of the reference). The generation module is
+compared with JAX on the same float16-rounded weights, to the same tolerance;
+what the rounding itself costs is reported beside. For a target this host
+cannot run, the artifacts are checked structurally instead.
 """
 
 from __future__ import annotations
@@ -42,20 +44,17 @@ def _compare_state(module_state: dict, jax_state: dict, vocab_size: int) -> dict
     return {"kv": kv, "logits": logits}
 
 
-def check_parity(module, seed: int = 0) -> dict:
-    """Run encode, decode and finetune on `module` (a runtime.Module) and on JAX."""
+def _check_generation(module, params: dict, seed: int) -> dict:
+    """encode and up to DECODE_STEPS decode steps on `module` and on JAX with
+    `params`: the tokens, whether they are equal, and the relative errors."""
     import jax
-    import jax.numpy as jnp
 
     from gpt2_iree import model
 
-    manifest = module.manifest
-    cfg = model.GPT2Config(**manifest["config"])
-    shapes = model.Shapes(**manifest["shapes"])
+    cfg = model.GPT2Config(**module.manifest["config"])
+    shapes = model.Shapes(**module.manifest["shapes"])
     B, K, S = shapes.batch, shapes.prompt_len, shapes.seq_len
-    params = {name: jnp.asarray(v) for name, v in module.archive_weights().items()}
     rng = np.random.default_rng(seed)
-
     # Rows of different lengths exercise the padding paths of encode and decode.
     prompt = rng.integers(0, cfg.vocab_size, (B, K), dtype=np.int32)
     lengths = np.array([max(1, K - b) for b in range(B)], np.int32)
@@ -72,8 +71,29 @@ def check_parity(module, seed: int = 0) -> dict:
         cache, token = decode(params, cache)
         ref_tokens.append(np.asarray(token))
     decode_err = _compare_state(module.get_state(), cache, cfg.vocab_size)
-    tokens_equal = all(np.array_equal(a, b) for a, b in zip(tokens, ref_tokens))
+    return {
+        "tokens": [t.tolist() for t in tokens],
+        "tokens_equal": all(np.array_equal(a, b) for a, b in zip(tokens, ref_tokens)),
+        "decode_steps": steps,
+        "relative_errors": {"encode_logits": encode_err["logits"], "encode_kv": encode_err["kv"],
+                            "decode_logits": decode_err["logits"], "decode_kv": decode_err["kv"]},
+    }
 
+
+def check_parity(module, seed: int = 0) -> dict:
+    """Run encode, decode and finetune on `module` (a runtime.Module) and on JAX."""
+    import jax
+    import jax.numpy as jnp
+
+    from gpt2_iree import model
+
+    manifest = module.manifest
+    cfg = model.GPT2Config(**manifest["config"])
+    B, S = manifest["shapes"]["batch"], manifest["shapes"]["seq_len"]
+    params = {name: jnp.asarray(v) for name, v in module.archive_weights().items()}
+    generation = _check_generation(module, params, seed)
+
+    rng = np.random.default_rng(seed + 1)
     text = rng.integers(0, cfg.vocab_size, (B, S), dtype=np.int32)
     target = np.roll(text, -1, axis=1)
     text_lengths = np.array([max(1, S - 1 - b) for b in range(B)], np.int32)
@@ -96,24 +116,48 @@ def check_parity(module, seed: int = 0) -> dict:
     per_tensor = {n: relative_error(tuned[n], params[n]) for n in names}
     worst = max(per_tensor, key=per_tensor.get)
 
-    errors = {
-        "encode_logits": encode_err["logits"], "encode_kv": encode_err["kv"],
-        "decode_logits": decode_err["logits"], "decode_kv": decode_err["kv"],
+    errors = generation["relative_errors"] | {
         "finetune_loss": max(relative_error(a, b) for a, b in zip(losses, ref_losses)),
         "finetune_params": params_err,
     }
-    return {
+    return generation | {
         "kind": "parity",
         "device": module.device,
         "tolerance": TOLERANCE,
-        "tokens": [t.tolist() for t in tokens],
-        "tokens_equal": tokens_equal,
-        "decode_steps": steps,
         "losses": losses,
         "reference_losses": ref_losses,
         "relative_errors": errors,
         "worst_param_tensor": {"name": worst, "relative_error": per_tensor[worst]},
-        "passed": tokens_equal and all(e <= TOLERANCE for e in errors.values()),
+        "passed": generation["tokens_equal"] and all(e <= TOLERANCE for e in errors.values()),
+    }
+
+
+def check_generation_parity(module, seed: int = 0) -> dict:
+    """Run encode and decode on the generation `module` and on JAX with the same
+    float16-rounded weights; also report what the rounding costs: the relative
+    error of the reference's logits against float32 weights."""
+    import jax
+    import jax.numpy as jnp
+
+    from gpt2_iree import model
+
+    cfg = model.GPT2Config(**module.manifest["config"])
+    shapes = model.Shapes(**module.manifest["shapes"])
+    dtype = module.manifest["generate"]["weights_dtype"]
+    weights = module.archive_weights()
+    params = {name: jnp.asarray(v.astype(dtype).astype(np.float32)) for name, v in weights.items()}
+    report = _check_generation(module, params, seed)
+    B, K = shapes.batch, shapes.prompt_len
+    prompt = np.random.default_rng(seed).integers(0, cfg.vocab_size, (B, K), dtype=np.int32)
+    lengths = np.full((B,), K, np.int32)
+    encode = jax.jit(lambda p: model.encode(p, cfg, shapes, prompt, lengths)[0]["logits"][:, :cfg.vocab_size])
+    return report | {
+        "kind": "parity",
+        "device": module.device,
+        "tolerance": TOLERANCE,
+        "weights_dtype": dtype,
+        "rounding_cost": {"encode_logits": relative_error(encode(params), encode(weights))},
+        "passed": report["tokens_equal"] and all(e <= TOLERANCE for e in report["relative_errors"].values()),
     }
 
 
@@ -155,13 +199,20 @@ def verify_build(build_dir: Path, target_name: str, report_path: Path) -> dict:
 
     build_dir = Path(build_dir)
     target = targets.get_target(target_name)
-    vmfb = build_dir / f"gpt2-{target_name}.vmfb"
     runnable = target.runtime_driver in runtime.available_devices() and target_name != "ios"
-    if runnable:
-        report = check_parity(runtime.Module(build_dir, device=target.runtime_driver))
-    else:
-        report = check_structure(vmfb, target.executable_format, list(export.FUNCTIONS),
-                                 runtime_tool("iree-dump-module"))
+
+    def check(generation: bool) -> dict:
+        if runnable:
+            module = runtime.Module(build_dir, device=target.runtime_driver, generation=generation)
+            return check_generation_parity(module) if generation else check_parity(module)
+        return check_structure(build_dir / targets.vmfb_name(target_name, generation), target.executable_format,
+                               list(export.GENERATE_FUNCTIONS if generation else export.FUNCTIONS),
+                               runtime_tool("iree-dump-module"))
+
+    report = check(generation=False)
+    if target.generate_flags is not None:
+        report["generation"] = check(generation=True)
+        report["passed"] = report["passed"] and report["generation"]["passed"]
     report["target"] = target_name
     write_json(Path(report_path), report)
     print(summary(report))
@@ -171,9 +222,21 @@ def verify_build(build_dir: Path, target_name: str, report_path: Path) -> dict:
 
 
 def summary(report: dict) -> str:
-    if report["kind"] == "structure":
-        return (f"{report['target']}: structure {'ok' if report['passed'] else 'FAILED'} "
-                f"({report['executable_format']}, {len(report['exported'])} functions, checks {report['checks']})")
-    errors = ", ".join(f"{k} {v:.1e}" for k, v in report["relative_errors"].items())
-    return (f"{report['target']}: parity with JAX {'ok' if report['passed'] else 'FAILED'} on {report['device']} "
-            f"(tokens equal: {report['tokens_equal']}; relative errors: {errors}; tolerance {report['tolerance']:g})")
+    """One line for the whole module's check, and one for the generation module's."""
+    def line(r: dict, what: str) -> str:
+        ok = "ok" if r["passed"] else "FAILED"
+        if r["kind"] == "structure":
+            return (f"{what}: structure {ok} ({r['executable_format']}, {len(r['exported'])} functions, "
+                    f"checks {r['checks']})")
+        errors = ", ".join(f"{k} {v:.1e}" for k, v in r["relative_errors"].items())
+        weights = ""
+        if "weights_dtype" in r:
+            weights = (f" with {r['weights_dtype']} weights (rounding them moved the logits "
+                       f"{r['rounding_cost']['encode_logits']:.1e})")
+        return (f"{what}: parity with JAX{weights} {ok} on {r['device']} (tokens equal: {r['tokens_equal']}; "
+                f"relative errors: {errors}; tolerance {r['tolerance']:g})")
+
+    lines = [line(report, report["target"])]
+    if "generation" in report:
+        lines.append(line(report["generation"], f"{report['target']} generation module"))
+    return "\n".join(lines)

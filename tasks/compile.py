@@ -1,8 +1,9 @@
-"""compile:<target>: gpt2.mlir -> gpt2-<target>.vmfb with that target's iree-compile flags."""
+"""compile:<target>: gpt2.mlir -> gpt2-<target>.vmfb, and gpt2-generate.mlir ->
+gpt2-generate-<target>.vmfb where the target has a generation module."""
 
 from doit.tools import config_changed
 
-from gpt2_iree.targets import TARGETS
+from gpt2_iree.targets import TARGETS, log_name, vmfb_name
 from tasks.actions import call, remove_outputs
 from tasks.config import LIBRARY, load_config
 
@@ -10,22 +11,24 @@ SOURCES = [LIBRARY / "targets.py", LIBRARY / "compiler.py"]
 
 
 def outputs(target: str) -> list[str]:
-    return [f"gpt2-{target}.vmfb", f"gpt2-{target}.compile.log"]
+    """The files compile:<target> writes: each module and its compile log."""
+    modules = [False] + ([True] if TARGETS[target].generate_flags is not None else [])
+    names = [vmfb_name(target, generation) for generation in modules]
+    return names + [log_name(name) for name in names]
 
 
 def task_compile():
-    """gpt2-<target>.vmfb for each of targets= (iree-compile; log beside the vmfb)"""
+    """gpt2-<target>.vmfb (and gpt2-generate-<target>.vmfb) for each of targets= (iree-compile; logs beside)"""
     cfg = load_config()
     for name in cfg.targets:
         target = TARGETS[name]
-        vmfb, log = (cfg.build_dir / f for f in outputs(name))
         yield {
             "name": name,
             "doc": f"gpt2-{name}.vmfb: {target.description}",
-            "actions": [call("gpt2_iree.compiler:compile_for", cfg.toolchain_json, cfg.build_dir / "gpt2.mlir",
-                             name, vmfb, log)],
-            "file_dep": [cfg.build_dir / "gpt2.mlir", cfg.toolchain_json, *SOURCES],
-            "targets": [vmfb],
-            "uptodate": [config_changed({"flags": target.flags})],
+            "actions": [call("gpt2_iree.compiler:compile_for", cfg.toolchain_json, cfg.build_dir, name)],
+            "file_dep": [cfg.build_dir / "gpt2.mlir", cfg.build_dir / "gpt2-generate.mlir", cfg.toolchain_json,
+                         *SOURCES],
+            "targets": [cfg.build_dir / f for f in outputs(name) if f.endswith(".vmfb")],
+            "uptodate": [config_changed({"flags": target.flags, "generate_flags": target.generate_flags})],
             "clean": [(remove_outputs, [cfg.build_dir, outputs(name)])],
         }

@@ -1,6 +1,7 @@
 """verify:<target>: the compiled module against the JAX reference, on the same weights."""
 
 from tasks.actions import call_with_toolchain, remove_outputs
+from tasks.compile import outputs as compile_outputs
 from tasks.config import LIBRARY, load_config
 
 SOURCES = [LIBRARY / f for f in ("verify.py", "runtime.py", "model.py")]
@@ -13,12 +14,12 @@ def task_verify():
         report = cfg.build_dir / f"verify-{name}.json"
         yield {
             "name": name,
-            "doc": f"verify gpt2-{name}.vmfb -> verify-{name}.json",
+            "doc": f"verify gpt2-{name}.vmfb (and its generation module) -> verify-{name}.json",
             # Runs the module with the toolchain's iree.runtime: a new runtime verifies again.
             "actions": [call_with_toolchain(cfg.toolchain_json, "gpt2_iree.verify:verify_build",
                                             cfg.build_dir, name, report)],
-            "file_dep": [cfg.build_dir / f"gpt2-{name}.vmfb", cfg.build_dir / "manifest.json",
-                         cfg.toolchain_json, *SOURCES],
+            "file_dep": [*(cfg.build_dir / f for f in compile_outputs(name) if f.endswith(".vmfb")),
+                         cfg.build_dir / "manifest.json", cfg.toolchain_json, *SOURCES],
             "targets": [report],
             "clean": [(remove_outputs, [cfg.build_dir, [report.name]])],
             "verbosity": 2,  # the parity summary

@@ -16,9 +16,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_build(tmp_path_factory):
-    """A built tiny model (cpu and metal modules), made once per test session
+    """A built tiny model (cpu and metal modules, each whole and for generation), made once per test session
     with the same library calls the doit stages make."""
-    from gpt2_iree import compiler, export, models, targets, toolchain
+    from gpt2_iree import compiler, export, models, toolchain
 
     root = tmp_path_factory.mktemp("tiny")
     model_dir, build_dir = root / "assets", root / "build"
@@ -26,6 +26,5 @@ def tiny_build(tmp_path_factory):
     export.build(build_dir, "tiny", model_dir, "pretrained", None,
                  {"batch": 1, "prompt_len": 8, "seq_len": 64}, "adafactor")
     for name in ("cpu", "metal"):
-        compiler.compile_module(toolchain.iree_compile(), build_dir / "gpt2.mlir", targets.get_target(name),
-                                build_dir / f"gpt2-{name}.vmfb", build_dir / f"gpt2-{name}.compile.log")
+        compiler.compile_target(toolchain.iree_compile(), build_dir, name)
     return build_dir

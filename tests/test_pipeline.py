@@ -40,12 +40,14 @@ def test_first_run_builds_and_verifies_everything():
     assert code == 0, results
     assert ran(results) == {"assets", "toolchain", "export", "compile:cpu", "compile:metal",
                             "verify:cpu", "verify:metal"}
-    for name in ("gpt2.mlir", "gpt2.irpa", "manifest.json", "gpt2-cpu.vmfb", "gpt2-metal.vmfb"):
+    for name in ("gpt2.mlir", "gpt2-generate.mlir", "gpt2.irpa", "manifest.json", "gpt2-cpu.vmfb",
+                 "gpt2-generate-cpu.vmfb", "gpt2-metal.vmfb", "gpt2-generate-metal.vmfb"):
         assert (BUILD / name).is_file(), name
     cpu = json.loads((BUILD / "verify-cpu.json").read_text())
-    assert cpu["kind"] == "parity" and cpu["passed"] and cpu["tokens_equal"]
+    assert cpu["kind"] == "parity" and cpu["passed"] and cpu["tokens_equal"] and cpu["generation"]["passed"]
     metal = json.loads((BUILD / "verify-metal.json").read_text())
     assert metal["kind"] == "structure" and metal["passed"] and metal["checks"]["msl_source"]
+    assert metal["generation"]["passed"]
 
 
 def test_second_run_is_all_up_to_date():

@@ -3,6 +3,7 @@
 
 import platform
 import resource
+import shutil
 
 import numpy as np
 import pytest
@@ -104,6 +105,34 @@ def test_finetune_learns_a_sentence_and_saved_weights_keep_it(tiny_build, tmp_pa
     assert "".join(reopened.generate("The quic", 40)) == completion
     # The original archive is untouched: fine-tuning happens in the module.
     assert "".join(Session(tiny_build).generate("The quic", 40)) == original
+
+
+def test_generation_runs_on_the_generation_module_and_follows_fine_tuning(tiny_build):
+    session = Session(tiny_build)
+    before = session.generation_module()
+    assert before.generation and before.device == session.module.device
+    assert session.generation_module() is before  # opened once
+    session.finetune([SENTENCE], steps=2, learning_rate=0.1)
+    after = session.generation_module()
+    assert after is not before and after.generation
+    tuned = session.module.get_params()
+    for name, value in after.archive_weights().items():
+        np.testing.assert_array_equal(value, tuned[name])
+
+
+def test_without_a_generation_module_generation_runs_on_the_whole_module(tiny_build, tmp_path):
+    build = tmp_path / "build"
+    shutil.copytree(tiny_build, build, ignore=shutil.ignore_patterns("gpt2-generate-*"))
+    session = Session(build)
+    assert session.generation_module() is session.module
+    assert len(list(session.generate("Hello", max_new_tokens=3))) == 3
+
+
+def test_weights_given_in_memory_must_fit_the_module(tiny_build):
+    weights = archive.read_irpa(tiny_build / "gpt2.irpa")
+    weights["wte"] = weights["wte"].astype(np.float16)
+    with pytest.raises(BuildError, match=r"the weights given do not match the module .*wrong size: wte"):
+        Module(tiny_build, generation=True, weights=weights)
 
 
 def test_export_hf_round_trips_the_weights(tiny_build, tmp_path):

@@ -14,6 +14,11 @@ def test_parity_report_on_the_cpu_module(tiny_build, tmp_path):
     assert report["decode_steps"] == verify.DECODE_STEPS
     assert len(report["losses"]) == verify.FINETUNE_STEPS
     assert all(e <= verify.TOLERANCE for e in report["relative_errors"].values())
+    # The generation module, against JAX on the same float16-rounded weights.
+    generation = report["generation"]
+    assert generation["kind"] == "parity" and generation["passed"] and generation["weights_dtype"] == "float16"
+    assert set(generation["relative_errors"]) == {"encode_logits", "encode_kv", "decode_logits", "decode_kv"}
+    assert 0 < generation["rounding_cost"]["encode_logits"] < 1e-2
     assert json.loads((tmp_path / "verify-cpu.json").read_text()) == report
 
 
@@ -35,6 +40,7 @@ def test_structure_of_a_metal_module(tiny_build, tmp_path):
     report = verify.verify_build(tiny_build, "metal", tmp_path / "verify-metal.json")
     assert report["kind"] == "structure" and report["passed"]
     assert report["checks"] == {"executable_format": True, "functions": True, "msl_source": True}
+    assert report["generation"]["passed"] and report["generation"]["exported"][:3] == ["encode", "decode", "get_state"]
 
 
 def test_structure_check_names_missing_functions(tiny_build):
