@@ -1,4 +1,4 @@
-"""Time the compiled module against `jax.jit` of the same functions on the same weights.
+"""Time the compiled modules against `jax.jit` of the same functions on the same weights.
 
 Three phases, each at the module's own shapes (manifest "shapes": batch B,
 prompt length K, sequence length S):
@@ -18,6 +18,11 @@ JAX side threads its training state from step to step as the module does in
 its globals, and runs optax's Adafactor, its fastest; the module runs the
 rewrite in adafactor.py (the same step; `verify` holds the two together).
 Both sides share this process, so both run with `runtime.reuse_freed_memory`.
+
+IREE prefills and decodes on the build's generation module where it has one
+for the device (float16 weights; see export.py), as `Session.generate` does;
+decode is also timed on the whole (float32) module. JAX runs float32 weights:
+with float16 ones XLA upcasts every weight in every call and is 7x slower.
 
 The decode floor is the time to read every weight once at this machine's
 memory bandwidth (`measure_bandwidth_gbs`): a decode step of batch 1 must read
@@ -57,15 +62,15 @@ def measure_bandwidth_gbs(megabytes: int = 256, repeats: int = 7) -> float:
     return 2 * src.nbytes / statistics.median(times) / 1e9
 
 
-def _paired_medians(iree_run, jax_run, repeats: int, warmup: int) -> tuple[float, float]:
-    """Medians of `repeats` runs of each side, after `warmup` runs of each; a run
-    returns the seconds it measured. The sides take turns run by run, so a
-    slow spell on a shared machine slows both rather than one."""
+def _paired_medians(*runs, repeats: int, warmup: int) -> tuple[float, ...]:
+    """Medians of `repeats` runs of each of `runs`, after `warmup` runs of each; a
+    run returns the seconds it measured. They take turns run by run, so a slow
+    spell on a shared machine slows all of them rather than one."""
     for _ in range(warmup):
-        iree_run()
-        jax_run()
-    times = [(iree_run(), jax_run()) for _ in range(repeats)]
-    return statistics.median(t for t, _ in times), statistics.median(t for _, t in times)
+        for run in runs:
+            run()
+    times = [[run() for run in runs] for _ in range(repeats)]
+    return tuple(statistics.median(column) for column in zip(*times))
 
 
 def _clocked(fn):
@@ -83,7 +88,7 @@ def _pair(iree: float, jax_value: float) -> dict:
 
 def run_benchmark(build_dir: Path, device: str | None = None, repeats: int = 5, warmup: int = 1,
                   log=print) -> dict:
-    """Prefill, decode and fine-tuning time of the build's module on `device`
+    """Prefill, decode and fine-tuning time of the build's modules on `device`
     (the runtime's default when None) and of JAX on its default backend."""
     import jax
     import jax.numpy as jnp
@@ -93,6 +98,9 @@ def run_benchmark(build_dir: Path, device: str | None = None, repeats: int = 5, 
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0 (got {repeats}, {warmup})")
     module = runtime.Module(Path(build_dir), device)
+    generator = (runtime.Module(Path(build_dir), module.device, generation=True)
+                 if runtime.has_generation_module(module) else module)
+    dtype = np.dtype(module.manifest["generate"]["weights_dtype"] if generator.generation else np.float32)
     manifest = module.manifest
     cfg = model.GPT2Config(**manifest["config"])
     shapes = model.Shapes(**manifest["shapes"])
@@ -100,7 +108,8 @@ def run_benchmark(build_dir: Path, device: str | None = None, repeats: int = 5, 
     B, K, S = shapes.batch, shapes.prompt_len, shapes.seq_len
     steps = max(1, min(DECODE_STEPS, S - K))
     log(f"bench: {manifest['model']} (B={B}, K={K}, S={S}, {optimizer}) on IREE {module.device} "
-        f"vs JAX {jax.default_backend()}; medians of {repeats} after {warmup} warm-up")
+        f"vs JAX {jax.default_backend()}; medians of {repeats} after {warmup} warm-up; IREE generates "
+        f"with {dtype.name} weights")
 
     weights = module.archive_weights()
     weight_bytes = sum(v.nbytes for v in weights.values())
@@ -121,17 +130,19 @@ def run_benchmark(build_dir: Path, device: str | None = None, repeats: int = 5, 
 
     # --- prefill ---
     iree_prefill, jax_prefill = _paired_medians(
-        _clocked(lambda: module.encode(prompt, lengths)),
-        _clocked(lambda: jax.block_until_ready(jax_encode(params, prompt, lengths))), repeats, warmup)
+        _clocked(lambda: generator.encode(prompt, lengths)),
+        _clocked(lambda: jax.block_until_ready(jax_encode(params, prompt, lengths))), repeats=repeats, warmup=warmup)
     log(f"  prefill   IREE {iree_prefill * 1e3:9.3f} ms   JAX {jax_prefill * 1e3:9.3f} ms")
 
     # --- decode: the encode before the steps is not timed ---
-    def iree_decode_run():
-        module.encode(prompt, lengths)
-        start = time.perf_counter()
-        for _ in range(steps):
-            module.decode()
-        return time.perf_counter() - start
+    def iree_decode_run(module):
+        def run():
+            module.encode(prompt, lengths)
+            start = time.perf_counter()
+            for _ in range(steps):
+                module.decode()
+            return time.perf_counter() - start
+        return run
 
     def jax_decode_run():
         cache, _ = jax.block_until_ready(jax_encode(params, prompt, lengths))
@@ -142,10 +153,11 @@ def run_benchmark(build_dir: Path, device: str | None = None, repeats: int = 5, 
         jax.block_until_ready(cache)
         return time.perf_counter() - start
 
-    iree_decode_s, jax_decode_s = (t / steps for t in _paired_medians(iree_decode_run, jax_decode_run,
-                                                                       repeats, warmup))
-    log(f"  decode    IREE {iree_decode_s * 1e3:9.3f} ms/token   JAX {jax_decode_s * 1e3:9.3f} ms/token "
-        f"({steps} steps)")
+    iree_decode_s, iree_decode_f32_s, jax_decode_s = (
+        t / steps for t in _paired_medians(iree_decode_run(generator), iree_decode_run(module), jax_decode_run,
+                                           repeats=repeats, warmup=warmup))
+    log(f"  decode    IREE {iree_decode_s * 1e3:9.3f} ms/token ({dtype.name} weights; float32: "
+        f"{iree_decode_f32_s * 1e3:.3f})   JAX {jax_decode_s * 1e3:9.3f} ms/token ({steps} steps)")
 
     # --- finetune: both sides carry their weights and optimizer state forward ---
     state = {"params": params, "opt": reference.init(params)}
@@ -157,21 +169,25 @@ def run_benchmark(build_dir: Path, device: str | None = None, repeats: int = 5, 
 
     iree_finetune, jax_finetune = _paired_medians(
         _clocked(lambda: module.finetune(text, target, text_lengths, FINETUNE_LR)), _clocked(jax_finetune_run),
-        repeats, warmup)
+        repeats=repeats, warmup=warmup)
     log(f"  finetune  IREE {iree_finetune:9.4f} s/step   JAX {jax_finetune:9.4f} s/step")
 
     bandwidth = measure_bandwidth_gbs()
-    floor_ms = weight_bytes / (bandwidth * 1e9) * 1e3
+    floor_f32_ms = weight_bytes / (bandwidth * 1e9) * 1e3
+    floor_ms = floor_f32_ms * dtype.itemsize / 4
     log(f"  memory bandwidth {bandwidth:.1f} GB/s; decode floor {floor_ms:.4f} ms/token "
-        f"({weight_bytes / 1e6:.1f} MB of weights)")
+        f"({weight_bytes * dtype.itemsize / 4e6:.1f} MB of {dtype.name} weights; float32: {floor_f32_ms:.4f})")
 
     return {
         "prefill_ms": _pair(iree_prefill * 1e3, jax_prefill * 1e3),
         "decode_ms_per_token": _pair(iree_decode_s * 1e3, jax_decode_s * 1e3),
+        "decode_float32_ms_per_token": _pair(iree_decode_f32_s * 1e3, jax_decode_s * 1e3),
         "finetune_s_per_step": _pair(iree_finetune, jax_finetune),
         "tokens_per_s": {"iree": B / iree_decode_s, "jax": B / jax_decode_s},
+        "generation_weights": dtype.name,
         "bandwidth_gbs": bandwidth,
         "decode_floor_ms": floor_ms,
+        "decode_float32_floor_ms": floor_f32_ms,
         "model": manifest["model"],
         "config": {**manifest["config"], **manifest["shapes"], "optimizer": optimizer},
         "device": module.device,
@@ -188,7 +204,9 @@ def format_table(result: dict) -> str:
     c = result["config"]
     rows = [(f"{label} ({unit})", _num(result[key]["iree"]), _num(result[key]["jax"]),
              f"{result[key]['ratio']:.2f}x") for key, label, unit in METRICS]
-    rows.insert(2, ("  tokens/s", _num(result["tokens_per_s"]["iree"]), _num(result["tokens_per_s"]["jax"]), ""))
+    f32 = result["decode_float32_ms_per_token"]
+    rows[2:2] = [("  tokens/s", _num(result["tokens_per_s"]["iree"]), _num(result["tokens_per_s"]["jax"]), ""),
+                 ("decode, float32 module (ms/token)", _num(f32["iree"]), _num(f32["jax"]), f"{f32['ratio']:.2f}x")]
     header = ("", "IREE", "JAX", "IREE/JAX")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
 
@@ -196,12 +214,15 @@ def format_table(result: dict) -> str:
         return "  ".join([row[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(row[1:], widths[1:])])
 
     shape = f"B={c.get('batch')}, K={c.get('prompt_len')}, S={c.get('seq_len')}, {c.get('optimizer')}"
+    dtype = result["generation_weights"]
     out = [f"{result['model']} ({shape}) on IREE {result['device']} vs jax.jit; "
            f"medians of {result['repeats']}; IREE/JAX < 1 means IREE is faster",
+           f"IREE prefills and decodes with {dtype} weights, JAX with float32 (its fastest)",
            line(header), *(line(r) for r in rows),
            f"memory bandwidth: {result['bandwidth_gbs']:.1f} GB/s",
-           f"decode floor (every weight read once per token): {result['decode_floor_ms']:.4g} ms/token; "
-           f"IREE decode is {result['decode_ms_per_token']['iree'] / result['decode_floor_ms']:.1f}x the floor"]
+           f"decode floor (every weight read once per token): {result['decode_floor_ms']:.4g} ms/token with "
+           f"{dtype} weights, {result['decode_float32_floor_ms']:.4g} with float32; IREE decode is "
+           f"{result['decode_ms_per_token']['iree'] / result['decode_floor_ms']:.1f}x its floor"]
     return "\n".join(out)
 
 

@@ -7,8 +7,9 @@ import pytest
 
 from gpt2_iree import bench
 
-PAIRS = ("prefill_ms", "decode_ms_per_token", "finetune_s_per_step")
-KEYS = {*PAIRS, "tokens_per_s", "bandwidth_gbs", "decode_floor_ms", "model", "config", "device", "repeats"}
+PAIRS = ("prefill_ms", "decode_ms_per_token", "decode_float32_ms_per_token", "finetune_s_per_step")
+KEYS = {*PAIRS, "tokens_per_s", "generation_weights", "bandwidth_gbs", "decode_floor_ms", "decode_float32_floor_ms",
+        "model", "config", "device", "repeats"}
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,11 @@ def test_result_has_every_metric(run, tiny_build):
     assert result["bandwidth_gbs"] > 0 and result["decode_floor_ms"] > 0
     manifest = json.loads((tiny_build / "manifest.json").read_text())
     weight_bytes = sum(4 * math.prod(shape) for _, shape in manifest["params"])
-    assert result["decode_floor_ms"] == pytest.approx(weight_bytes / (result["bandwidth_gbs"] * 1e9) * 1e3)
+    assert result["decode_float32_floor_ms"] == pytest.approx(weight_bytes / (result["bandwidth_gbs"] * 1e9) * 1e3)
+    # Prefill and decode ran on the generation module, which reads float16 weights: half the bytes.
+    assert result["generation_weights"] == "float16"
+    assert result["decode_floor_ms"] == pytest.approx(result["decode_float32_floor_ms"] / 2)
+    assert result["decode_float32_ms_per_token"]["jax"] == result["decode_ms_per_token"]["jax"]
     assert result["model"] == "tiny"
     assert result["config"]["seq_len"] == 64 and result["config"]["optimizer"] == "adafactor"
     assert result["config"]["n_layer"] == manifest["config"]["n_layer"]
@@ -49,7 +54,8 @@ def test_result_has_every_metric(run, tiny_build):
 
 def test_format_table_mentions_every_metric(result):
     table = bench.format_table(result)
-    for word in ("prefill", "decode", "finetune", "tokens/s", "IREE", "JAX", "IREE/JAX", "bandwidth", "floor"):
+    for word in ("prefill", "decode", "finetune", "tokens/s", "IREE", "JAX", "IREE/JAX", "bandwidth", "floor",
+                 "float16", "float32 module"):
         assert word in table, word
     assert f"{result['prefill_ms']['ratio']:.2f}x" in table
 
