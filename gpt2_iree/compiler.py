@@ -50,7 +50,7 @@ def compile_target(compiler: str, build_dir: Path, target_name: str) -> None:
         vmfb = vmfb_name(target_name, generation)
         compile_module(compiler, build_dir / mlir, target, build_dir / vmfb, build_dir / log_name(vmfb), generation)
 
-    jobs = [("gpt2.mlir", False)] + ([("gpt2-generate.mlir", True)] if target.generate_flags is not None else [])
+    jobs = [("gpt2.mlir", False)] + ([("gpt2-generate.mlir", True)] if target.has_generation_module else [])
     with ThreadPoolExecutor(len(jobs)) as pool:
         futures = [pool.submit(build, *job) for job in jobs]
     for future in futures:

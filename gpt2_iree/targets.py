@@ -42,6 +42,10 @@ class Target:
     # Added to `flags` for the generation module; None: the target has none.
     generate_flags: tuple[str, ...] | None = ()
 
+    @property
+    def has_generation_module(self) -> bool:
+        return self.generate_flags is not None
+
 
 # IREE 3.13's default Apple GPU (what plain `metal-spirv` uses), except
 # `subgroup = none` instead of `shuffle|arithmetic`: see "Subgroups" above.

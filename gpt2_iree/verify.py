@@ -210,7 +210,7 @@ def verify_build(build_dir: Path, target_name: str, report_path: Path) -> dict:
                                runtime_tool("iree-dump-module"))
 
     report = check(generation=False)
-    if target.generate_flags is not None:
+    if target.has_generation_module:
         report["generation"] = check(generation=True)
         report["passed"] = report["passed"] and report["generation"]["passed"]
     report["target"] = target_name

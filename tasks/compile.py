@@ -12,7 +12,7 @@ SOURCES = [LIBRARY / "targets.py", LIBRARY / "compiler.py"]
 
 def outputs(target: str) -> list[str]:
     """The files compile:<target> writes: each module and its compile log."""
-    modules = [False] + ([True] if TARGETS[target].generate_flags is not None else [])
+    modules = [False] + ([True] if TARGETS[target].has_generation_module else [])
     names = [vmfb_name(target, generation) for generation in modules]
     return names + [log_name(name) for name in names]
 

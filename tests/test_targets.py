@@ -139,7 +139,7 @@ def test_float16_weights_compile_where_a_target_builds_a_generation_module(iree_
     # And fail where it doesn't: once IREE compiles them for Vulkan too, this
     # says that its generation module can be switched on.
     target = get_target(name)
-    generation = target.generate_flags is not None
+    generation = target.has_generation_module
     _, result = _run_compile(iree_compile, target, tmp_path, TINY_GENERATION_MODULE, generation)
     assert (result.returncode == 0) == generation, f"{name}: {result.stderr[-3000:]}"
 
