@@ -12,7 +12,10 @@
   recorded into a command buffer; the model is fully unrolled (no loops in the
   host code), so a function's sites are the launches one call of it makes.
   Each function entry also carries its own count (`dispatches`), e.g. the
-  launches of one decode step.
+  launches of one decode step. Sites in no exported function run when the
+  module loads (`dispatches_at_load`): its initializer's, and those of the
+  command buffers IREE records there once, for a call to replay (the
+  generation module's `encode`, whose own count is then 0).
 * kernels: the number of distinct executable entry points those sites launch,
   counted as the distinct names passed to `hal.executable.lookup.function`
   (e.g. `decode_dispatch_3_matvec_192x64_f32`). Several sites can launch one
@@ -100,7 +103,8 @@ def _bytecode(dump: str, rodata: dict[int, bytes]) -> tuple[dict[str, int], set[
     for line in dump.splitlines():
         if m := re.match(r"^vm\.func\s+@(\w+)\(", line):
             function, registers = m[1], {}
-            per_function[function] = 0
+            # Not reset: a recorded command buffer's function can print as a second `__init`.
+            per_function.setdefault(function, 0)
         elif m := re.match(r"^\s*%[rR](\d+) = vm\.const\.ref\.rodata (\d+)\b", line):
             registers[m[1]] = int(m[2])
         elif m := re.search(r"vm\.call @hal\.executable\.lookup\.function\(%[rR]\d+, %[rR](\d+)\)", line):
@@ -130,6 +134,7 @@ def inspect_vmfb(path: Path) -> dict:
         "functions": functions,
         "executable_formats": formats,
         "dispatches": sum(per_function.values()),
+        "dispatches_at_load": sum(per_function.values()) - sum(f["dispatches"] for f in functions),
         "kernels": len(kernels),
         "size_bytes": path.stat().st_size,
     }
@@ -182,7 +187,9 @@ def format_vmfb(info: dict) -> str:
     else:
         lines.append(f"module ({_size(info['size_bytes'])})")
     lines.append(f"executable formats: {', '.join(info['executable_formats']) or '(none)'}")
-    lines.append(f"dispatches: {info['dispatches']} call sites launching {info['kernels']} distinct kernels")
+    lines.append(f"dispatches: {info['dispatches']} call sites launching {info['kernels']} distinct kernels; "
+                 f"{info['dispatches_at_load']} of the sites run at load (the initializer, and command buffers "
+                 f"recorded once for calls to replay)")
     lines.append("functions:")
     width = max((len(f["name"]) for f in info["functions"]), default=0)
     for f in info["functions"]:

@@ -45,6 +45,18 @@ def test_dispatch_and_kernel_counts(cpu, metal):
         assert sum(per_function.values()) <= info["dispatches"]
 
 
+def test_the_generation_module_records_command_buffers_at_load(tiny_build):
+    info = inspection.inspect_vmfb(tiny_build / "gpt2-generate-cpu.vmfb")
+    assert [f["name"] for f in info["functions"]] == ["encode", "decode", "get_state"]
+    per_function = {f["name"]: f["dispatches"] for f in info["functions"]}
+    assert per_function["decode"] >= 1
+    # The float16 copies are made at load, and encode's launches (about as many
+    # as decode's) recorded there.
+    assert info["dispatches_at_load"] == info["dispatches"] - sum(per_function.values())
+    assert info["dispatches_at_load"] > 1.5 * per_function["decode"]
+    assert f"{info['dispatches_at_load']} of the sites run at load" in inspection.format_vmfb(info)
+
+
 def test_metal_kernels_are_its_executables(metal, tiny_build):
     # A Metal module holds one executable, one zip entry, per kernel.
     import zipfile
