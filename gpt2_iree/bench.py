@@ -98,10 +98,10 @@ def run_benchmark(build_dir: Path, device: str | None = None, repeats: int = 5, 
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0 (got {repeats}, {warmup})")
     module = runtime.Module(Path(build_dir), device)
+    manifest = module.manifest
     generator = (runtime.Module(Path(build_dir), module.device, generation=True)
                  if runtime.has_generation_module(module) else module)
-    dtype = np.dtype(module.manifest["generate"]["weights_dtype"] if generator.generation else np.float32)
-    manifest = module.manifest
+    dtype = np.dtype(manifest["generate"]["weights_dtype"] if generator.generation else np.float32)
     cfg = model.GPT2Config(**manifest["config"])
     shapes = model.Shapes(**manifest["shapes"])
     optimizer = manifest["optimizer"]
@@ -135,12 +135,12 @@ def run_benchmark(build_dir: Path, device: str | None = None, repeats: int = 5, 
     log(f"  prefill   IREE {iree_prefill * 1e3:9.3f} ms   JAX {jax_prefill * 1e3:9.3f} ms")
 
     # --- decode: the encode before the steps is not timed ---
-    def iree_decode_run(module):
+    def iree_decode_run(timed):
         def run():
-            module.encode(prompt, lengths)
+            timed.encode(prompt, lengths)
             start = time.perf_counter()
             for _ in range(steps):
-                module.decode()
+                timed.decode()
             return time.perf_counter() - start
         return run
 
