@@ -244,7 +244,8 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylabel(unit)
         if key == "decode_ms_per_token":
             ax.axhline(result["decode_floor_ms"], color="tab:red", linestyle="--",
-                       label=f"bandwidth floor {_num(result['decode_floor_ms'])} ms")
+                       label=f"bandwidth floor of IREE's {result['generation_weights']} weights: "
+                             f"{_num(result['decode_floor_ms'])} ms")
             ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), fontsize="small", frameon=False)
         ax.margins(y=0.15)
     fig.suptitle(f"{result['model']} on IREE {result['device']} vs jax.jit (median of {result['repeats']})")
