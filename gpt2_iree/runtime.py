@@ -189,8 +189,11 @@ class Module:
         float32 and shaped as the module holds them: what a reference runs on."""
         from gpt2_iree.archive import read_irpa
 
-        weights = self._weights if self._weights is not None else read_irpa(self.params_path)
-        return {name: np.array(weights[name], np.float32).reshape(shape) for name, shape in self.manifest["params"]}
+        if self._weights is None:
+            weights = read_irpa(self.params_path)  # fresh float32 arrays
+        else:
+            weights = {name: value.copy() for name, value in self._weights.items()}  # float32, checked at open
+        return {name: weights[name].reshape(shape) for name, shape in self.manifest["params"]}
 
     def get_params(self) -> dict[str, np.ndarray]:
         values = self.functions.get_params()
