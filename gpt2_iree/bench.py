@@ -17,7 +17,7 @@ stops; the module's results are copied to the host, which waits for them. The
 JAX side threads its training state from step to step as the module does in
 its globals, and runs optax's Adafactor, its fastest; the module runs the
 rewrite in adafactor.py (the same step; `verify` holds the two together).
-Both sides share this process, so both run with `runtime.reuse_freed_memory`.
+Both sides share this process, so both run with `module.reuse_freed_memory`.
 
 IREE prefills and decodes on the build's generation module where it has one
 for the device (float16 weights; see export.py), as `Session.generate` does;
@@ -93,14 +93,15 @@ def run_benchmark(build_dir: Path, device: str | None = None, repeats: int = 5, 
     import jax
     import jax.numpy as jnp
 
-    from gpt2_iree import model, runtime
+    from gpt2_iree import model
+    from gpt2_iree.module import Module, has_generation_module
 
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0 (got {repeats}, {warmup})")
-    module = runtime.Module(Path(build_dir), device)
+    module = Module(Path(build_dir), device)
     manifest = module.manifest
-    generator = (runtime.Module(Path(build_dir), module.device, generation=True)
-                 if runtime.has_generation_module(module) else module)
+    generator = (Module(Path(build_dir), module.device, generation=True)
+                 if has_generation_module(module) else module)
     dtype = np.dtype(manifest["generate"]["weights_dtype"] if generator.generation else np.float32)
     cfg = model.GPT2Config(**manifest["config"])
     shapes = model.Shapes(**manifest["shapes"])

@@ -12,11 +12,11 @@ from pathlib import Path
 
 from gpt2_iree.errors import Gpt2IreeError
 from gpt2_iree.files import replace_atomically, write_json
-from gpt2_iree.runtime import DEFAULT_BUILD_DIR
+from gpt2_iree.module import DEFAULT_BUILD_DIR
 
 
 def _session(args, params: Path | None = None):
-    from gpt2_iree.runtime import Session
+    from gpt2_iree.session import Session
 
     return Session(args.build_dir, args.device, params)
 

@@ -39,15 +39,15 @@ def compile_module(compiler: str, mlir: Path, target: Target, vmfb: Path, log: P
         tmp.unlink(missing_ok=True)
 
 
-def compile_target(compiler: str, build_dir: Path, target_name: str) -> None:
+def compile_target(compiler: str, build_dir: Path, target: Target) -> None:
     """`compiler` (an iree-compile) builds the target's whole module from
     gpt2.mlir and, where the target has one, its generation module from
     gpt2-generate.mlir, side by side: one iree-compile keeps about one of this
     machine's two cores busy."""
-    target, build_dir = get_target(target_name), Path(build_dir)
+    build_dir = Path(build_dir)
 
     def build(mlir: str, generation: bool) -> None:
-        vmfb = vmfb_name(target_name, generation)
+        vmfb = vmfb_name(target.name, generation)
         compile_module(compiler, build_dir / mlir, target, build_dir / vmfb, build_dir / log_name(vmfb), generation)
 
     jobs = [("gpt2.mlir", False)] + ([("gpt2-generate.mlir", True)] if target.has_generation_module else [])
@@ -59,4 +59,4 @@ def compile_target(compiler: str, build_dir: Path, target_name: str) -> None:
 
 def compile_for(toolchain_json: Path, build_dir: Path, target_name: str) -> None:
     """The compile stage: `compile_target` with the toolchain's iree-compile."""
-    compile_target(read_record(toolchain_json)["iree_compile"], build_dir, target_name)
+    compile_target(read_record(toolchain_json)["iree_compile"], build_dir, get_target(target_name))

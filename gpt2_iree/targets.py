@@ -39,8 +39,12 @@ class Target:
     executable_format: str  # as `iree-dump-module` shows it in .rodata
     runtime_driver: str  # iree.runtime driver that executes it
     flags: tuple[str, ...]
-    # Added to `flags` for the generation module; None: the target has none.
+    # Added to `flags` for the generation module, each replacing a flag of the
+    # same name; None: the target has none.
     generate_flags: tuple[str, ...] | None = ()
+    # The `#iree_gpu.target` a SPIR-V target's kernels are tiled for, where
+    # the target names it.
+    gpu: str | None = None
 
     @property
     def has_generation_module(self) -> bool:
@@ -57,22 +61,36 @@ APPLE_GPU_NO_SUBGROUPS = (
     "max_workgroup_memory_bytes = 32768, max_workgroup_counts = [65535, 65535, 65535]>>"
 )
 
-# The Metal device with that GPU.  As a flag value (below) it compiles exactly
-# as if the module carried `attributes {hal.device.targets = [<this>]}`, so
-# the exported gpt2.mlir stays the same for every target.
-METAL_DEVICE_TARGET = (
-    '#hal.device.target<"metal", [#hal.executable.target<"metal-spirv", "metal-msl-fb", '
-    "{iree_codegen.target_info = " + APPLE_GPU_NO_SUBGROUPS + "}>]> : !hal.device"
+# IREE 3.13's default Vulkan GPU, the portable `vp_android_baseline_2022`,
+# with 16-bit storage and float16 arithmetic added: what float16 weights need
+# (the baseline fails them: "failed to legalize operation 'vector.bitcast'").
+# Desktop GPUs and Mesa's lavapipe have both (storageBuffer16BitAccess,
+# shaderFloat16); no subgroups, as in the baseline.
+VULKAN_GPU_16BIT = (
+    '#iree_gpu.target<arch = "vp_android_baseline_2022", features = "spirv:v1.3,cap:Shader", '
+    "wgp = <compute = fp32|fp16|int32, storage = b32|b16, subgroup = none, subgroup_size_choices = [64], "
+    "max_workgroup_sizes = [128, 128, 64], max_thread_count_per_workgroup = 128, "
+    "max_workgroup_memory_bytes = 16384, max_workgroup_counts = [65535, 65535, 65535]>>"
 )
+
+
+def device_target(driver: str, backend: str, executable_format: str, gpu: str) -> str:
+    """A `#hal.device.target` whose one executable target is tiled for `gpu`.
+    As the value of `--iree-hal-target-device=__device_0=` it compiles exactly
+    as if the module carried `attributes {hal.device.targets = [<this>]}`, so
+    the exported gpt2.mlir stays the same for every target. The `__device_0=`
+    prefix names the device: without it IREE names the device global after the
+    whole attribute text (the vmfb's __init grows by ~68 KB)."""
+    return (f'#hal.device.target<"{driver}", [#hal.executable.target<"{backend}", "{executable_format}", '
+            f"{{iree_codegen.target_info = {gpu}}}>]> : !hal.device")
+
 
 _METAL_FLAGS = (
     # `--iree-hal-target-device` accepts a full `#hal.device.target<...>`, which
     # is how the subgroup-free Apple GPU is chosen without editing the module:
-    # there is no flag for the Metal GPU's target info.  The `__device_0=`
-    # prefix names the device: without it IREE names the device global after
-    # the whole attribute text (the vmfb's __init grows by ~68 KB); with it
-    # the output equals that of the module attribute.
-    f"--iree-hal-target-device=__device_0={METAL_DEVICE_TARGET}",
+    # there is no flag for the Metal GPU's target info.
+    "--iree-hal-target-device=__device_0="
+    + device_target("metal", "metal-spirv", "metal-msl-fb", APPLE_GPU_NO_SUBGROUPS),
     # Embed MSL source instead of a .metallib: no Xcode/`metal` toolchain is
     # needed to build, and the Metal driver compiles the MSL when the module
     # loads.  The MSL is language version 3.0, so macOS 13+ / iOS 16+.
@@ -123,6 +141,7 @@ TARGETS: dict[str, Target] = {
             executable_format="metal-msl-fb",
             runtime_driver="metal",
             flags=_METAL_FLAGS,
+            gpu=APPLE_GPU_NO_SUBGROUPS,
         ),
         Target(
             name="ios",
@@ -138,10 +157,11 @@ TARGETS: dict[str, Target] = {
                 # only differs when compiling to .metallib.
                 "--iree-metal-target-platform=ios",
             ),
+            gpu=APPLE_GPU_NO_SUBGROUPS,
         ),
         Target(
             name="vulkan",
-            description="Any Vulkan 1.1 GPU (portable SPIR-V baseline)",
+            description="Any Vulkan 1.1 GPU (portable SPIR-V baseline; float16 generation: 16-bit storage)",
             backend="vulkan-spirv",
             executable_format="vulkan-spirv-fb",
             runtime_driver="vulkan",
@@ -152,9 +172,9 @@ TARGETS: dict[str, Target] = {
                 # subgroups and fail `finetune` (see "Subgroups" above).
                 "--iree-hal-target-device=vulkan",
             ),
-            # The baseline has no 16-bit storage: float16 weights fail to
-            # compile ("failed to legalize operation 'vector.bitcast'").
-            generate_flags=None,
+            # The generation module's float16 weights need 16-bit storage.
+            generate_flags=("--iree-hal-target-device=__device_0="
+                            + device_target("vulkan", "vulkan-spirv", "vulkan-spirv-fb", VULKAN_GPU_16BIT),),
         ),
         Target(
             name="cuda",
@@ -184,6 +204,21 @@ def get_target(name: str) -> Target:
         raise ValueError(f"unknown target {name!r}; valid targets: {', '.join(TARGETS)}") from None
 
 
+def on_vulkan(target: Target) -> Target:
+    """A Vulkan target whose kernels are `target`'s: the same GPU description
+    (workgroup limits, workgroup memory, no subgroups), so the same tiling and
+    workgroup choices, through the SPIR-V codegen that the Metal backend turns
+    into MSL. It runs `target`'s kernels on a Vulkan device, where the target's
+    own device (Metal) is missing."""
+    if target.gpu is None:
+        raise ValueError(f"target {target.name!r} names no GPU description to compile for Vulkan")
+    flag = "--iree-hal-target-device=__device_0=" + device_target("vulkan", "vulkan-spirv", "vulkan-spirv-fb",
+                                                                   target.gpu)
+    return Target(name=f"{target.name}-on-vulkan", description=f"{target.name}'s kernels on a Vulkan device",
+                  backend="vulkan-spirv", executable_format="vulkan-spirv-fb", runtime_driver="vulkan",
+                  flags=(flag,), generate_flags=() if target.has_generation_module else None, gpu=target.gpu)
+
+
 def vmfb_name(target: str, generation: bool = False) -> str:
     """The file name of `target`'s whole module, or with `generation` its generation module."""
     return f"gpt2-generate-{target}.vmfb" if generation else f"gpt2-{target}.vmfb"
@@ -199,4 +234,6 @@ def compile_command(compiler: str, target: Target, input_path: str | Path, outpu
     """argv of `compiler` (an iree-compile binary) building `target`'s whole
     module from `input_path`, or with `generation` its generation module."""
     extra = target.generate_flags if generation else ()
-    return [compiler, str(input_path), *target.flags, *extra, "-o", str(output_path)]
+    replaced = {flag.split("=", 1)[0] for flag in extra}
+    flags = [flag for flag in target.flags if flag.split("=", 1)[0] not in replaced]
+    return [compiler, str(input_path), *flags, *extra, "-o", str(output_path)]

@@ -187,27 +187,49 @@ def check_structure(vmfb: Path, executable_format: str, functions: list[str], du
     }
 
 
-def verify_build(build_dir: Path, target_name: str, report_path: Path) -> dict:
-    """The verify stage: parity where this host runs the target, else structure.
+def verify_build(build_dir: Path, target_name: str, report_path: Path, toolchain_json: Path) -> dict:
+    """The verify stage: parity where this host runs the target; where it lacks
+    the target's device but has Vulkan, parity of the target's kernels compiled
+    for Vulkan (`targets.on_vulkan`) beside the structural check; else the
+    structural check alone.
 
     The report is written either way (it is how a failure is read); a failed
     check then raises, so doit marks the stage failed and retries it next run.
     """
-    from gpt2_iree import export, runtime, targets
+    from gpt2_iree import compiler, export, targets
+    from gpt2_iree.devices import available_devices
     from gpt2_iree.files import write_json
-    from gpt2_iree.toolchain import runtime_tool
+    from gpt2_iree.module import Module
+    from gpt2_iree.toolchain import read_record, runtime_tool
 
     build_dir = Path(build_dir)
     target = targets.get_target(target_name)
-    runnable = target.runtime_driver in runtime.available_devices() and target_name != "ios"
+    have = available_devices()
+    record = read_record(toolchain_json)
 
-    def check(generation: bool) -> dict:
-        if runnable:
-            module = runtime.Module(build_dir, device=target.runtime_driver, generation=generation)
-            return check_generation_parity(module) if generation else check_parity(module)
+    def parity(generation: bool, device: str, target: str) -> dict:
+        module = Module(build_dir, device=device, generation=generation, target=target)
+        return check_generation_parity(module) if generation else check_parity(module)
+
+    def structure(generation: bool) -> dict:
         return check_structure(build_dir / targets.vmfb_name(target_name, generation), target.executable_format,
                                list(export.GENERATE_FUNCTIONS if generation else export.FUNCTIONS),
                                runtime_tool("iree-dump-module"))
+
+    if target.runtime_driver in have and target_name != "ios":
+        def check(generation: bool) -> dict:
+            return parity(generation, target.runtime_driver, target_name)
+    elif target.gpu and "vulkan" in have and "vulkan-spirv" in record["target_backends"]:
+        stand_in = targets.on_vulkan(target)
+        compiler.compile_target(record["iree_compile"], build_dir, stand_in)
+
+        def check(generation: bool) -> dict:
+            shape = structure(generation)
+            report = parity(generation, "vulkan", stand_in.name)
+            return report | {"kind": "parity-on-vulkan", "module": targets.vmfb_name(stand_in.name, generation),
+                             "structure": shape, "passed": report["passed"] and shape["passed"]}
+    else:
+        check = structure
 
     report = check(generation=False)
     if target.has_generation_module:
@@ -223,18 +245,22 @@ def verify_build(build_dir: Path, target_name: str, report_path: Path) -> dict:
 
 def summary(report: dict) -> str:
     """One line for the whole module's check, and one for the generation module's."""
+    def structure(r: dict) -> str:
+        return (f"structure {'ok' if r['passed'] else 'FAILED'} ({r['executable_format']}, "
+                f"{len(r['exported'])} functions, checks {r['checks']})")
+
     def line(r: dict, what: str) -> str:
-        ok = "ok" if r["passed"] else "FAILED"
         if r["kind"] == "structure":
-            return (f"{what}: structure {ok} ({r['executable_format']}, {len(r['exported'])} functions, "
-                    f"checks {r['checks']})")
+            return f"{what}: {structure(r)}"
         errors = ", ".join(f"{k} {v:.1e}" for k, v in r["relative_errors"].items())
         weights = ""
         if "weights_dtype" in r:
             weights = (f" with {r['weights_dtype']} weights (rounding them moved the logits "
                        f"{r['rounding_cost']['encode_logits']:.1e})")
-        return (f"{what}: parity with JAX{weights} {ok} on {r['device']} (tokens equal: {r['tokens_equal']}; "
-                f"relative errors: {errors}; tolerance {r['tolerance']:g})")
+        where = f"{r['device']}, running {r['module']}" if r["kind"] == "parity-on-vulkan" else r["device"]
+        text = (f"{what}: parity with JAX{weights} {'ok' if r['passed'] else 'FAILED'} on {where} "
+                f"(tokens equal: {r['tokens_equal']}; relative errors: {errors}; tolerance {r['tolerance']:g})")
+        return f"{text}; {structure(r['structure'])}" if "structure" in r else text
 
     lines = [line(report, report["target"])]
     if "generation" in report:

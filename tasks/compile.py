@@ -3,17 +3,17 @@ gpt2-generate-<target>.vmfb where the target has a generation module."""
 
 from doit.tools import config_changed
 
-from gpt2_iree.targets import TARGETS, log_name, vmfb_name
+from gpt2_iree.targets import TARGETS, Target, log_name, vmfb_name
 from tasks.actions import call, remove_outputs
 from tasks.config import LIBRARY, load_config
 
 SOURCES = [LIBRARY / "targets.py", LIBRARY / "compiler.py"]
 
 
-def outputs(target: str) -> list[str]:
-    """The files compile:<target> writes: each module and its compile log."""
-    modules = [False] + ([True] if TARGETS[target].has_generation_module else [])
-    names = [vmfb_name(target, generation) for generation in modules]
+def outputs(target: Target) -> list[str]:
+    """The files compiling `target` writes: each module and its compile log."""
+    modules = [False] + ([True] if target.has_generation_module else [])
+    names = [vmfb_name(target.name, generation) for generation in modules]
     return names + [log_name(name) for name in names]
 
 
@@ -28,7 +28,7 @@ def task_compile():
             "actions": [call("gpt2_iree.compiler:compile_for", cfg.toolchain_json, cfg.build_dir, name)],
             "file_dep": [cfg.build_dir / "gpt2.mlir", cfg.build_dir / "gpt2-generate.mlir", cfg.toolchain_json,
                          *SOURCES],
-            "targets": [cfg.build_dir / f for f in outputs(name) if f.endswith(".vmfb")],
+            "targets": [cfg.build_dir / f for f in outputs(target) if f.endswith(".vmfb")],
             "uptodate": [config_changed({"flags": target.flags, "generate_flags": target.generate_flags})],
-            "clean": [(remove_outputs, [cfg.build_dir, outputs(name)])],
+            "clean": [(remove_outputs, [cfg.build_dir, outputs(target)])],
         }

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 
@@ -19,6 +21,7 @@ def tiny_build(tmp_path_factory):
     """A built tiny model (cpu and metal modules, each whole and for generation), made once per test session
     with the same library calls the doit stages make."""
     from gpt2_iree import compiler, export, models, toolchain
+    from gpt2_iree.targets import get_target
 
     root = tmp_path_factory.mktemp("tiny")
     model_dir, build_dir = root / "assets", root / "build"
@@ -26,5 +29,41 @@ def tiny_build(tmp_path_factory):
     export.build(build_dir, "tiny", model_dir, "pretrained", None,
                  {"batch": 1, "prompt_len": 8, "seq_len": 64}, "adafactor")
     for name in ("cpu", "metal"):
-        compiler.compile_target(toolchain.iree_compile(), build_dir, name)
+        compiler.compile_target(toolchain.iree_compile(), build_dir, get_target(name))
     return build_dir
+
+
+@pytest.fixture(scope="session")
+def toolchain_json(tmp_path_factory):
+    """The toolchain record of the installed wheels, as the toolchain stage writes it."""
+    from gpt2_iree import toolchain
+    from gpt2_iree.targets import TARGETS
+
+    path = tmp_path_factory.mktemp("toolchain") / "toolchain.json"
+    toolchain.write_record(path, {name: target.backend for name, target in TARGETS.items()})
+    return path
+
+
+@pytest.fixture(scope="session")
+def vulkan():
+    """Skip where this host has no Vulkan device; fail instead where
+    GPT2_IREE_REQUIRE_VULKAN is set (CI installs Mesa's lavapipe, and must not
+    pass by skipping every GPU test if that install ever breaks)."""
+    from gpt2_iree.devices import available_devices
+
+    if "vulkan" not in available_devices():
+        if os.environ.get("GPT2_IREE_REQUIRE_VULKAN"):
+            pytest.fail("GPT2_IREE_REQUIRE_VULKAN is set but iree.runtime finds no Vulkan device "
+                        "(apt-get install -y mesa-vulkan-drivers libvulkan1)")
+        pytest.skip("no Vulkan device (apt-get install -y mesa-vulkan-drivers libvulkan1 gives Mesa's lavapipe)")
+    return "vulkan"
+
+
+@pytest.fixture(scope="session")
+def tiny_vulkan_build(tiny_build, vulkan):
+    """tiny_build with its vulkan modules too."""
+    from gpt2_iree import compiler, toolchain
+    from gpt2_iree.targets import get_target
+
+    compiler.compile_target(toolchain.iree_compile(), tiny_build, get_target("vulkan"))
+    return tiny_build

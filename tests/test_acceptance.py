@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt2_iree.runtime import Session
+from gpt2_iree.session import Session
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -15,7 +15,9 @@ from doit_runner import doit, doit_main, ran
 import tasks.export
 from tasks.config import LIBRARY
 
-TINY = ["model=tiny", "targets=cpu,metal"]
+# With Vulkan (CI installs Mesa's lavapipe), vulkan runs with parity, and so do
+# the Metal build's kernels, compiled for Vulkan by verify:metal.
+TINY = ["model=tiny", "targets=cpu,metal,vulkan"]
 BUILD = Path("build/tiny/pretrained-b1-k8-s64-adafactor")
 
 
@@ -36,18 +38,30 @@ def in_workdir(workdir, monkeypatch):
 
 
 def test_first_run_builds_and_verifies_everything():
+    from gpt2_iree.devices import available_devices
+
     code, results, _ = doit(*TINY)
     assert code == 0, results
-    assert ran(results) == {"assets", "toolchain", "export", "compile:cpu", "compile:metal",
-                            "verify:cpu", "verify:metal"}
+    assert ran(results) == {"assets", "toolchain", "export", "compile:cpu", "compile:metal", "compile:vulkan",
+                            "verify:cpu", "verify:metal", "verify:vulkan"}
     for name in ("gpt2.mlir", "gpt2-generate.mlir", "gpt2.irpa", "manifest.json", "gpt2-cpu.vmfb",
-                 "gpt2-generate-cpu.vmfb", "gpt2-metal.vmfb", "gpt2-generate-metal.vmfb"):
+                 "gpt2-generate-cpu.vmfb", "gpt2-metal.vmfb", "gpt2-generate-metal.vmfb", "gpt2-vulkan.vmfb",
+                 "gpt2-generate-vulkan.vmfb"):
         assert (BUILD / name).is_file(), name
     cpu = json.loads((BUILD / "verify-cpu.json").read_text())
     assert cpu["kind"] == "parity" and cpu["passed"] and cpu["tokens_equal"] and cpu["generation"]["passed"]
     metal = json.loads((BUILD / "verify-metal.json").read_text())
-    assert metal["kind"] == "structure" and metal["passed"] and metal["checks"]["msl_source"]
-    assert metal["generation"]["passed"]
+    vulkan = json.loads((BUILD / "verify-vulkan.json").read_text())
+    if "vulkan" in available_devices():
+        assert metal["kind"] == "parity-on-vulkan" and metal["tokens_equal"]
+        assert metal["structure"]["checks"]["msl_source"]
+        assert vulkan["kind"] == "parity" and vulkan["device"] == "vulkan" and vulkan["tokens_equal"]
+        assert vulkan["generation"]["kind"] == "parity" and vulkan["generation"]["weights_dtype"] == "float16"
+    else:
+        assert metal["kind"] == "structure" and metal["checks"]["msl_source"]
+        assert vulkan["kind"] == "structure"
+    for report in (cpu, metal, vulkan):
+        assert report["passed"] and report["generation"]["passed"]
 
 
 def test_second_run_is_all_up_to_date():
@@ -57,7 +71,7 @@ def test_second_run_is_all_up_to_date():
 
 
 def test_a_new_target_compiles_only_that_target():
-    code, results, _ = doit("model=tiny", "targets=cpu,metal,ios")
+    code, results, _ = doit("model=tiny", "targets=cpu,metal,vulkan,ios")
     assert code == 0
     assert ran(results) == {"compile:ios", "verify:ios"}
 
@@ -89,7 +103,7 @@ def test_bad_var_fails_before_any_work(capsys):
 
 
 def test_clean_leaves_no_build_output():
-    for args in (["model=tiny", "targets=cpu", "seq_len=32"], ["model=tiny", "targets=cpu,metal,ios"]):
+    for args in (["model=tiny", "targets=cpu", "seq_len=32"], ["model=tiny", "targets=cpu,metal,vulkan,ios"]):
         assert not doit_main("clean", *args)  # doit returns None on a clean without errors
     leftovers = [str(p) for top in ("build", "assets") for p in Path(top).rglob("*")]
     assert leftovers == [] and not Path("build").exists()

@@ -8,8 +8,8 @@ import pytest
 from gpt2_iree import verify
 
 
-def test_parity_report_on_the_cpu_module(tiny_build, tmp_path):
-    report = verify.verify_build(tiny_build, "cpu", tmp_path / "verify-cpu.json")
+def test_parity_report_on_the_cpu_module(tiny_build, tmp_path, toolchain_json):
+    report = verify.verify_build(tiny_build, "cpu", tmp_path / "verify-cpu.json", toolchain_json)
     assert report["kind"] == "parity" and report["passed"] and report["tokens_equal"]
     assert report["decode_steps"] == verify.DECODE_STEPS
     assert len(report["losses"]) == verify.FINETUNE_STEPS
@@ -22,7 +22,7 @@ def test_parity_report_on_the_cpu_module(tiny_build, tmp_path):
     assert json.loads((tmp_path / "verify-cpu.json").read_text()) == report
 
 
-def test_a_module_that_computes_something_else_fails(tiny_build, tmp_path):
+def test_a_module_that_computes_something_else_fails(tiny_build, tmp_path, toolchain_json):
     # The reference now normalises with a different epsilon than the module was
     # compiled with: a small, real numerical difference verify must catch.
     wrong = tmp_path / "build"
@@ -31,16 +31,28 @@ def test_a_module_that_computes_something_else_fails(tiny_build, tmp_path):
     manifest["config"]["layer_norm_epsilon"] = 1e-2
     (wrong / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(verify.VerifyError, match="verify:cpu failed"):
-        verify.verify_build(wrong, "cpu", tmp_path / "verify-cpu.json")
+        verify.verify_build(wrong, "cpu", tmp_path / "verify-cpu.json", toolchain_json)
     report = json.loads((tmp_path / "verify-cpu.json").read_text())
     assert not report["passed"]
 
 
-def test_structure_of_a_metal_module(tiny_build, tmp_path):
-    report = verify.verify_build(tiny_build, "metal", tmp_path / "verify-metal.json")
+def test_structure_of_a_metal_module_on_a_host_without_vulkan(tiny_build, tmp_path, toolchain_json, monkeypatch):
+    from gpt2_iree import devices
+
+    monkeypatch.setattr(devices, "available_devices", lambda: ["local-task"])
+    report = verify.verify_build(tiny_build, "metal", tmp_path / "verify-metal.json", toolchain_json)
     assert report["kind"] == "structure" and report["passed"]
     assert report["checks"] == {"executable_format": True, "functions": True, "msl_source": True}
     assert report["generation"]["passed"] and report["generation"]["exported"][:3] == ["encode", "decode", "get_state"]
+
+
+def test_the_metal_kernels_run_on_vulkan_with_parity(tiny_build, tmp_path, toolchain_json, vulkan):
+    report = verify.verify_build(tiny_build, "metal", tmp_path / "verify-metal.json", toolchain_json)
+    for r, module in ((report, "gpt2-metal-on-vulkan.vmfb"), (report["generation"], "gpt2-generate-metal-on-vulkan.vmfb")):
+        assert r["kind"] == "parity-on-vulkan" and r["passed"] and r["tokens_equal"]
+        assert r["device"] == "vulkan" and r["module"] == module
+        assert r["structure"]["passed"] and r["structure"]["checks"]["msl_source"]
+    assert report["generation"]["weights_dtype"] == "float16"
 
 
 def test_structure_check_names_missing_functions(tiny_build):

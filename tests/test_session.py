@@ -1,64 +1,14 @@
-"""The compiled tiny module through gpt2_iree.runtime: open, generate, fine-tune, save."""
+"""Text through gpt2_iree.session on the tiny build: generate, fine-tune, save, export."""
 
-
-import platform
-import resource
 import shutil
 
 import numpy as np
 import pytest
 
 from gpt2_iree import archive
-from gpt2_iree.runtime import DEFAULT_BUILD_DIR, BuildError, Module, Session, available_devices, reuse_freed_memory
-from tasks.config import parse_config
+from gpt2_iree.session import Session
 
 SENTENCE = "The quick brown fox jumps over the lazy dog."
-
-
-def test_default_build_dir_is_what_doit_builds_by_default():
-    assert DEFAULT_BUILD_DIR == parse_config({}).build_dir
-
-
-def test_cpu_is_available_and_chosen_by_default(tiny_build):
-    assert "local-task" in available_devices()
-    assert Module(tiny_build).device in available_devices()
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
-def test_freed_memory_is_reused_without_page_faults():
-    # What a CPU module's calls rely on: a big block freed at the end of one
-    # call comes back in the next without the kernel faulting it in again.
-    assert reuse_freed_memory()
-
-    def faults_of_a_64mb_block():
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        block = np.ones(64 << 18, np.float32)
-        del block
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
-    assert min(faults_of_a_64mb_block() for _ in range(3)) == 0
-
-
-def test_unbuilt_directory_says_how_to_build(tmp_path):
-    with pytest.raises(BuildError, match=r"not built yet.*doit"):
-        Module(tmp_path)
-
-
-def test_missing_device_lists_available_ones(tiny_build):
-    with pytest.raises(BuildError, match=r"device 'metal' is not available here; this runtime has: .*local-task"):
-        Module(tiny_build, device="metal")
-
-
-def test_params_that_do_not_match_the_module_are_refused(tiny_build, tmp_path):
-    weights = archive.read_irpa(tiny_build / "gpt2.irpa")
-    del weights["wpe"]
-    weights["ln_f.bias"] = np.zeros(3, np.float32)
-    archive.write_irpa(weights, tmp_path / "bad.irpa")
-    with pytest.raises(BuildError, match=r"missing: wpe; wrong size: ln_f.bias"):
-        Module(tiny_build, params=tmp_path / "bad.irpa")
-    (tmp_path / "garbage.irpa").write_bytes(b"not an archive")
-    with pytest.raises(BuildError, match="garbage.irpa is not an IREE parameter archive"):
-        Module(tiny_build, params=tmp_path / "garbage.irpa")
 
 
 def test_generate_streams_until_max_new_tokens(tiny_build):
@@ -128,13 +78,6 @@ def test_without_a_generation_module_generation_runs_on_the_whole_module(tiny_bu
     assert len(list(session.generate("Hello", max_new_tokens=3))) == 3
 
 
-def test_weights_given_in_memory_must_fit_the_module(tiny_build):
-    weights = archive.read_irpa(tiny_build / "gpt2.irpa")
-    weights["wte"] = weights["wte"].astype(np.float16)
-    with pytest.raises(BuildError, match=r"the weights given do not match the module .*wrong size: wte"):
-        Module(tiny_build, generation=True, weights=weights)
-
-
 def test_export_hf_round_trips_the_weights(tiny_build, tmp_path):
     from gpt2_iree import model, weights
 
@@ -147,3 +90,19 @@ def test_export_hf_round_trips_the_weights(tiny_build, tmp_path):
     for name, value in session.module.get_params().items():
         np.testing.assert_array_equal(loaded[name], value)
     assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == (tiny_build / "tokenizer.json").read_bytes()
+
+
+def test_a_session_on_vulkan_generates_fine_tunes_and_saves_as_on_the_cpu(tiny_vulkan_build, tmp_path):
+    cpu, gpu = Session(tiny_vulkan_build, device="local-task"), Session(tiny_vulkan_build, device="vulkan")
+    assert gpu.generation_module().device == "vulkan" and gpu.generation_module().generation
+    assert "".join(gpu.generate("The quic", 20)) == "".join(cpu.generate("The quic", 20))
+    losses = [s.finetune([SENTENCE], steps=3, learning_rate=0.1) for s in (cpu, gpu)]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+    assert "".join(gpu.generate("The quic", 20)) == "".join(cpu.generate("The quic", 20))
+    gpu.save_params(tmp_path / "tuned.irpa")
+    saved = archive.read_irpa(tmp_path / "tuned.irpa")
+    for name, value in gpu.module.get_params().items():
+        np.testing.assert_array_equal(saved[name].reshape(value.shape), value)
+    # An archive opened on Vulkan is streamed into device buffers.
+    reopened = Session(tiny_vulkan_build, device="vulkan", params=tmp_path / "tuned.irpa")
+    assert "".join(reopened.generate("The quic", 20)) == "".join(gpu.generate("The quic", 20))

@@ -1,0 +1,116 @@
+"""Memory between numpy and an IREE device that every device accepts.
+
+iree.runtime's convenient paths import numpy's memory into the device without
+copying: a numpy argument, `DeviceArray.to_host()` of a result, and a
+`ParameterIndex` over numpy arrays or over a mapped archive. A device that
+imports host memory natively wants it aligned: Vulkan drivers that have
+VK_EXT_external_memory_host (Mesa's lavapipe, NVIDIA, AMD, Intel) to 4096
+bytes (`minImportedHostPointerAlignment`), Apple's no-copy Metal buffers to a
+page (16 KB on arm64). numpy's memory is aligned to 64 bytes at best, so on
+such a device the first call failed. Here nothing depends on that import:
+
+* arguments are copied into device-local buffers (`to_device`);
+* results are read through a staging buffer the device allocates itself, or
+  by mapping the result where the device's memory is host-visible (`to_numpy`);
+* weights in memory are laid out in one page-aligned arena, every tensor at a
+  page boundary (`index_of_weights`);
+* an archive is mapped on the CPU, whose local devices take any host memory
+  and use it in place; streamed into device buffers on Vulkan, whose driver
+  reads it with an async file handle; and copied into a page-aligned arena on
+  any other device (`index_of_archive`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+# Apple's arm64 page; a multiple of the 4096 bytes Vulkan drivers ask for.
+PAGE = 16 << 10
+# How each driver reads a parameter archive: ParameterIndex.load's options.
+# Any other (metal, cuda: not run here) gets a page-aligned copy in host memory.
+ARCHIVE_LOADING = {"local-task": {"mmap": True}, "local-sync": {"mmap": True}, "vulkan": {"mode": "file_async"}}
+
+
+def to_device(device, array: np.ndarray):
+    """`array` copied into a device-local buffer of `device` (an rt.HalDevice)."""
+    import iree.runtime as rt
+
+    return rt.asdevicearray(device, array)  # which makes it C-contiguous first
+
+
+def to_numpy(device, result) -> np.ndarray:
+    """A fresh numpy copy of `result` (a DeviceArray that `device` returned).
+
+    A copy, never a view: a mapped result is memory IREE reuses once the
+    result is released, and would change under the caller.
+    """
+    import iree.runtime as rt
+
+    # DeviceArray keeps its buffer view private; iree.runtime is pinned to 3.13.
+    view = result._buffer_view
+    buffer = view.get_buffer()
+    dtype = rt.HalElementType.map_to_dtype(view.element_type)
+    shape = list(view.shape)
+    host_visible = int(rt.MemoryType.HOST_VISIBLE)
+    if buffer.memory_type() & host_visible == host_visible and \
+            buffer.allowed_usage() & int(rt.BufferUsage.MAPPING_SCOPED):
+        return np.array(buffer.map().asarray(shape, np.dtype(dtype)), copy=True)
+    staging = device.allocator.allocate_buffer(
+        memory_type=int(rt.MemoryType.HOST_LOCAL | rt.MemoryType.DEVICE_VISIBLE),
+        allowed_usage=int(rt.BufferUsage.TRANSFER_TARGET | rt.BufferUsage.MAPPING_SCOPED),
+        allocation_size=buffer.byte_length())
+    semaphore = device.create_semaphore(0)
+    device.queue_copy(buffer, staging, wait_semaphores=rt.HalFence.create_at(semaphore, 0),
+                      signal_semaphores=rt.HalFence.create_at(semaphore, 1))
+    rt.HalFence.create_at(semaphore, 1).wait()
+    return np.array(staging.map().asarray(shape, np.dtype(dtype)), copy=True)
+
+
+def page_aligned_arena(sizes: dict[str, int]) -> tuple[np.ndarray, dict[str, int]]:
+    """A zeroed uint8 array starting on a page, a whole number of pages long,
+    and the offset in it of each of `sizes`' entries, each on a page."""
+    offsets, total = {}, 0
+    for name, size in sizes.items():
+        offsets[name] = total
+        total += -(-size // PAGE) * PAGE
+    raw = np.zeros(total + PAGE, np.uint8)
+    start = -raw.ctypes.data % PAGE
+    return raw[start:start + total], offsets
+
+
+def index_of_weights(weights: dict[str, np.ndarray]) -> tuple[object, dict[str, np.ndarray]]:
+    """A ParameterIndex over a page-aligned copy of `weights`, and that copy
+    (views of the arena, shaped and typed as `weights`).
+
+    The index keeps the arena alive for IREE, which reads it when the module
+    loads; the caller may drop `weights` and keep the views instead.
+    """
+    import iree.runtime as rt
+
+    arena, offsets = page_aligned_arena({name: value.nbytes for name, value in weights.items()})
+    placed = {}
+    for name, value in weights.items():
+        value = np.ascontiguousarray(value)
+        placed[name] = arena[offsets[name]:offsets[name] + value.nbytes].view(value.dtype).reshape(value.shape)
+        placed[name][...] = value
+    handle = rt.FileHandle.wrap_memory(arena)
+    index = rt.ParameterIndex()
+    for name, value in placed.items():
+        index.add_from_file_handle(name, handle, value.nbytes, offsets[name])
+    return index, placed
+
+
+def index_of_archive(path: Path, driver: str):
+    """A ParameterIndex over the archive at `path`, read the way `driver` takes it
+    (ARCHIVE_LOADING). Raises RuntimeError or ValueError if it is no archive."""
+    import iree.runtime as rt
+
+    index = rt.ParameterIndex()
+    if driver in ARCHIVE_LOADING:
+        index.load(str(path), **ARCHIVE_LOADING[driver])
+        return index
+    index.load(str(path), mmap=True)
+    return index_of_weights({key: rt.parameter_index_entry_as_numpy_flat_ndarray(entry)
+                             for key, entry in index.items()})[0]

@@ -1,0 +1,47 @@
+"""Which IREE devices this host has, and which one runs a build when none is named."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+# iree.runtime driver -> the target whose vmfb it executes.
+DRIVER_TARGETS = {"metal": "metal", "local-task": "cpu", "local-sync": "cpu", "vulkan": "vulkan", "cuda": "cuda"}
+# Preferred first when no device is named: the GPU this product is for, then the CPU.
+DEVICE_PREFERENCE = ("metal", "cuda", "vulkan", "local-task")
+# Vulkan implementations that run on the CPU (VkPhysicalDeviceType CPU). They
+# run the GPU code path, which is what tests want, but the CPU module is faster
+# on the same cores, so they are never the default. iree.runtime lists a
+# device's name, not its type, so they are known by name: Mesa's lavapipe
+# calls itself "llvmpipe (LLVM ...)", Google's "SwiftShader Device (...)".
+SOFTWARE_VULKAN_NAMES = ("llvmpipe", "lavapipe", "swiftshader")
+
+
+def _devices(driver: str) -> list[dict] | None:
+    """The devices of `driver`, or None where its system library (libvulkan, libcuda) is missing."""
+    import iree.runtime as rt
+
+    try:
+        return rt.get_driver(driver).query_available_devices()
+    except (RuntimeError, ValueError):
+        return None
+
+
+def available_devices() -> list[str]:
+    """The drivers of this runtime that have a usable device."""
+    import iree.runtime as rt
+
+    return [driver for driver in rt.query_available_drivers()
+            if driver in DRIVER_TARGETS and (driver.startswith("local") or _devices(driver))]
+
+
+def is_software(driver: str) -> bool:
+    """Whether every device of `driver` is a Vulkan implementation on the CPU."""
+    devices = _devices(driver) if driver == "vulkan" else None
+    return bool(devices) and all(any(s in d["name"].lower() for s in SOFTWARE_VULKAN_NAMES) for d in devices)
+
+
+def default_device(is_built: Callable[[str], bool]) -> str | None:
+    """The first driver of DEVICE_PREFERENCE that this host has, that is hardware
+    (or the CPU), and for which `is_built(driver)` says a module exists; None if none."""
+    have = available_devices()
+    return next((d for d in DEVICE_PREFERENCE if d in have and not is_software(d) and is_built(d)), None)

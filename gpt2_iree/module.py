@@ -1,0 +1,197 @@
+"""A compiled module of a build directory, opened with `iree.runtime` on one device.
+
+A build directory (made by `doit`) holds `manifest.json`, `gpt2.irpa`,
+`tokenizer.json` and one `gpt2-<target>.vmfb` per target. The weights are
+loaded from the archive as a parameter provider, so a fine-tuned `.irpa` can
+stand in for the original without recompiling. `Module` is the raw module:
+numpy arrays in and out of its entry points; `session.Session` puts text on top.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+
+from gpt2_iree import device_memory
+from gpt2_iree.archive import PARAMETER_SCOPE
+from gpt2_iree.devices import DRIVER_TARGETS, available_devices, default_device
+from gpt2_iree.errors import Gpt2IreeError
+from gpt2_iree.targets import vmfb_name
+
+# What `doit` builds with no vars (tests/test_module.py keeps the two in step).
+DEFAULT_BUILD_DIR = Path("build/gpt2/pretrained-b1-k8-s64-adafactor")
+
+# mallopt(3) parameters of glibc's malloc.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+class BuildError(Gpt2IreeError):
+    """A build directory that cannot be opened as asked (not built, wrong device...)."""
+
+
+def reuse_freed_memory() -> bool:
+    """Have glibc keep freed memory for the next call rather than return it to the
+    kernel; False where the C library is not glibc.
+
+    IREE's CPU device mallocs each call's temporaries (a 124M fine-tuning step:
+    1.2 GB) and frees them when the call ends. glibc serves blocks over 32 MB
+    with a fresh mmap and unmaps them on free, so every call faulted all of its
+    temporaries in again, zeroed by the kernel: 300k page faults, a third of a
+    124M step. With mmap off and trimming off, the heap keeps its high-water mark
+    and the next call reuses it. It holds for the whole process (JAX, in the same
+    process, gains as much).
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, -1))
+
+
+def read_manifest(build_dir: Path) -> dict:
+    path = Path(build_dir) / "manifest.json"
+    if not path.is_file():
+        raise BuildError(f"{build_dir} is not built yet (no manifest.json); build it with `doit` "
+                         f"(e.g. `doit model=tiny` for the tiny model)")
+    return json.loads(path.read_text())
+
+
+class Module:
+    """A compiled module of a build on one device, its weights read from a
+    parameter archive or, given as `weights`, from arrays in memory.
+
+    `generation` opens the build's generation module (encode, decode and
+    get_state on float16 weights, see export.py) instead of the whole module.
+    `target` names the target whose vmfb runs on `device` (default: the one the
+    device's driver executes; `metal-on-vulkan`: the Metal build's kernels).
+    """
+
+    def __init__(self, build_dir: Path, device: str | None = None, params: Path | None = None,
+                 generation: bool = False, weights: dict[str, np.ndarray] | None = None, target: str | None = None):
+        import iree.runtime as rt
+
+        self.build_dir = Path(build_dir)
+        self.manifest = read_manifest(self.build_dir)
+        self.generation = generation
+        if generation and "generate" not in self.manifest:
+            raise BuildError(f"{self.build_dir} predates the generation module; rebuild it with `doit`")
+        have = available_devices()
+        if device is None:
+            device = default_device(lambda driver: self._vmfb(DRIVER_TARGETS[driver]).is_file())
+            if device is None:
+                raise BuildError(f"{self.build_dir} has no module for a default device here ({', '.join(have)}; "
+                                 f"software Vulkan is never the default); build one with `doit targets=cpu`, "
+                                 f"or name the device with --device")
+        if device not in have:
+            raise BuildError(f"device {device!r} is not available here; this runtime has: {', '.join(have)}")
+        self.target = target or DRIVER_TARGETS[device]
+        vmfb = self._vmfb(self.target)
+        if not vmfb.is_file():
+            raise BuildError(f"{vmfb} is missing; build it with `doit targets={self.target}`")
+        self.device = device
+        if device.startswith("local"):
+            reuse_freed_memory()
+        if weights is None:
+            self.params_path, self._weights = Path(params) if params else self.build_dir / "gpt2.irpa", None
+            index = self._load_params(self.params_path)
+        else:
+            self.params_path = None
+            index, self._weights = self._index_of(weights)
+
+        config = rt.Config(device)
+        self._device = config.device
+        self._modules = [
+            rt.create_io_parameters_module(config.vm_instance, index.create_provider(scope=PARAMETER_SCOPE)),
+            rt.create_hal_module(config.vm_instance, config.device),
+            rt.VmModule.mmap(config.vm_instance, str(vmfb)),
+        ]
+        self._context = rt.SystemContext(vm_modules=self._modules, config=config)
+        name = self.manifest["generate"]["module"] if generation else "gpt2"
+        self.functions = getattr(self._context.modules, name)
+
+    def _vmfb(self, target: str) -> Path:
+        return self.build_dir / vmfb_name(target, self.generation)
+
+    def _load_params(self, path: Path):
+        """The archive's index, refused if it does not fit the module."""
+        if not path.is_file():
+            raise BuildError(f"parameter archive {path} does not exist")
+        try:
+            index = device_memory.index_of_archive(path, self.device)
+        except (RuntimeError, ValueError) as err:
+            raise BuildError(f"{path} is not an IREE parameter archive: {err}") from None
+        self._check_sizes({key: entry.length for key, entry in index.items()}, f"{path} does")
+        return index
+
+    def _index_of(self, weights: dict[str, np.ndarray]):
+        """An index of a page-aligned copy of float32 `weights` and that copy,
+        refused if they do not fit the module."""
+        self._check_sizes({k: v.nbytes if v.dtype == np.float32 else -1 for k, v in weights.items()},
+                          "the weights given do")
+        return device_memory.index_of_weights(weights)
+
+    def _check_sizes(self, sizes: dict[str, int], subject: str) -> None:
+        """Refuse weights whose keys or byte sizes differ from the module's here,
+        before IREE fails on them somewhere deep inside the first call;
+        `subject` names them in the message ("x.irpa does")."""
+        expected = {name: 4 * int(np.prod(shape)) for name, shape in self.manifest["params"]}
+        missing = sorted(set(expected) - set(sizes))
+        extra = sorted(set(sizes) - set(expected))
+        wrong = sorted(k for k in set(expected) & set(sizes) if sizes[k] != expected[k])
+        if missing or extra or wrong:
+            parts = [f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                     for label, keys in (("missing", missing), ("unexpected", extra), ("wrong size", wrong)) if keys]
+            raise BuildError(f"{subject} not match the module in {self.build_dir} ({'; '.join(parts)})")
+
+    # --- raw entry points, numpy in and out (see device_memory) ---
+
+    def _args(self, *arrays) -> list:
+        return [device_memory.to_device(self._device, a) for a in arrays]
+
+    def _host(self, result) -> np.ndarray:
+        return device_memory.to_numpy(self._device, result)
+
+    def encode(self, prompt: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        return self._host(self.functions.encode(*self._args(prompt.astype(np.int32), lengths.astype(np.int32))))
+
+    def decode(self) -> np.ndarray:
+        return self._host(self.functions.decode())
+
+    def finetune(self, text: np.ndarray, target: np.ndarray, lengths: np.ndarray, learning_rate: float) -> float:
+        loss = self.functions.finetune(*self._args(text.astype(np.int32), target.astype(np.int32),
+                                                   lengths.astype(np.int32), np.float32(learning_rate)))
+        return float(self._host(loss))
+
+    def archive_weights(self) -> dict[str, np.ndarray]:
+        """The weights the module was opened with (its archive's, or those given),
+        float32 and shaped as the module holds them: what a reference runs on."""
+        from gpt2_iree.archive import read_irpa
+
+        if self._weights is None:
+            weights = read_irpa(self.params_path)  # fresh float32 arrays
+        else:
+            weights = {name: value.copy() for name, value in self._weights.items()}  # float32, checked at open
+        return {name: weights[name].reshape(shape) for name, shape in self.manifest["params"]}
+
+    def get_params(self) -> dict[str, np.ndarray]:
+        values = self.functions.get_params()
+        return {name: self._host(v) for (name, _), v in zip(self.manifest["params"], values, strict=True)}
+
+    def set_params(self, params: dict[str, np.ndarray]) -> None:
+        self.functions.set_params(*self._args(*[np.asarray(params[name], np.float32)
+                                                for name, _ in self.manifest["params"]]))
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        values = self.functions.get_state()
+        return {name: self._host(v) for name, v in zip(self.manifest["state"], values, strict=True)}
+
+
+def has_generation_module(module: Module) -> bool:
+    """Whether `module`'s build has a generation module for its target."""
+    vmfb = module.build_dir / vmfb_name(module.target, generation=True)
+    return "generate" in module.manifest and vmfb.is_file()
+
+

@@ -1,0 +1,94 @@
+"""A compiled tiny module opened through gpt2_iree.module: devices, weights, and what is refused."""
+
+import platform
+import resource
+
+import numpy as np
+import pytest
+
+from gpt2_iree import archive
+from gpt2_iree.devices import available_devices
+from gpt2_iree.module import DEFAULT_BUILD_DIR, BuildError, Module, reuse_freed_memory
+from tasks.config import parse_config
+
+
+def test_default_build_dir_is_what_doit_builds_by_default():
+    assert DEFAULT_BUILD_DIR == parse_config({}).build_dir
+
+
+def test_cpu_is_available_and_chosen_by_default(tiny_build):
+    assert "local-task" in available_devices()
+    assert Module(tiny_build).device in available_devices()
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_freed_memory_is_reused_without_page_faults():
+    # What a CPU module's calls rely on: a big block freed at the end of one
+    # call comes back in the next without the kernel faulting it in again.
+    assert reuse_freed_memory()
+
+    def faults_of_a_64mb_block():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        block = np.ones(64 << 18, np.float32)
+        del block
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    assert min(faults_of_a_64mb_block() for _ in range(3)) == 0
+
+
+def test_unbuilt_directory_says_how_to_build(tmp_path):
+    with pytest.raises(BuildError, match=r"not built yet.*doit"):
+        Module(tmp_path)
+
+
+def test_missing_device_lists_available_ones(tiny_build):
+    with pytest.raises(BuildError, match=r"device 'metal' is not available here; this runtime has: .*local-task"):
+        Module(tiny_build, device="metal")
+
+
+def test_params_that_do_not_match_the_module_are_refused(tiny_build, tmp_path):
+    weights = archive.read_irpa(tiny_build / "gpt2.irpa")
+    del weights["wpe"]
+    weights["ln_f.bias"] = np.zeros(3, np.float32)
+    archive.write_irpa(weights, tmp_path / "bad.irpa")
+    with pytest.raises(BuildError, match=r"missing: wpe; wrong size: ln_f.bias"):
+        Module(tiny_build, params=tmp_path / "bad.irpa")
+    (tmp_path / "garbage.irpa").write_bytes(b"not an archive")
+    with pytest.raises(BuildError, match="garbage.irpa is not an IREE parameter archive"):
+        Module(tiny_build, params=tmp_path / "garbage.irpa")
+
+
+def test_weights_given_in_memory_must_fit_the_module(tiny_build):
+    weights = archive.read_irpa(tiny_build / "gpt2.irpa")
+    weights["wte"] = weights["wte"].astype(np.float16)
+    with pytest.raises(BuildError, match=r"the weights given do not match the module .*wrong size: wte"):
+        Module(tiny_build, generation=True, weights=weights)
+
+
+def test_software_vulkan_is_never_the_default(tiny_vulkan_build):
+    # The vulkan modules are built and lavapipe runs them, yet the CPU module,
+    # faster on the same cores, is what opens without --device.
+    assert Module(tiny_vulkan_build).device == "local-task"
+    assert Module(tiny_vulkan_build, device="vulkan").device == "vulkan"
+
+
+def test_every_entry_point_agrees_on_vulkan_and_the_cpu(tiny_vulkan_build):
+    # Arguments, results and weights cross to the device without importing
+    # numpy's memory, which lavapipe refuses unless it is 4096-byte aligned.
+    cpu, gpu = Module(tiny_vulkan_build, device="local-task"), Module(tiny_vulkan_build, device="vulkan")
+    prompt, lengths = np.array([[72, 101, 108, 108, 111, 32, 32, 32]], np.int32), np.array([5], np.int32)
+    assert gpu.encode(prompt, lengths).tolist() == cpu.encode(prompt, lengths).tolist()
+    assert [gpu.decode().tolist() for _ in range(3)] == [cpu.decode().tolist() for _ in range(3)]
+    text = np.arange(64, dtype=np.int32)[None] % 200
+    target, text_lengths = np.roll(text, -1, axis=1), np.array([63], np.int32)
+    losses = [(m.finetune(text, target, text_lengths, 0.1), m.finetune(text, target, text_lengths, 0.1))
+              for m in (cpu, gpu)]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+    tuned = cpu.get_params()
+    gpu.set_params(tuned)
+    for name, value in gpu.get_params().items():
+        np.testing.assert_array_equal(value, tuned[name])
+    # The generation module, opened on those weights from memory.
+    generator = Module(tiny_vulkan_build, device="vulkan", generation=True, weights=tuned)
+    reference = Module(tiny_vulkan_build, device="local-task", generation=True, weights=tuned)
+    assert generator.encode(prompt, lengths).tolist() == reference.encode(prompt, lengths).tolist()
