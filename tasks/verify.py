@@ -2,9 +2,12 @@
 
 from tasks.actions import call_with_toolchain, remove_outputs
 from tasks.compile import outputs as compile_outputs
-from tasks.config import LIBRARY, load_config
+from tasks.config import load_config
+from tasks.sources import library_sources
 
-SOURCES = [LIBRARY / f for f in ("verify.py", "runtime.py", "model.py")]
+# The function the action calls, and the library code it runs.
+ENTRY = "gpt2_iree.verify:verify_build"
+SOURCES = library_sources(ENTRY)
 
 
 def task_verify():
@@ -16,8 +19,7 @@ def task_verify():
             "name": name,
             "doc": f"verify gpt2-{name}.vmfb (and its generation module) -> verify-{name}.json",
             # Runs the module with the toolchain's iree.runtime: a new runtime verifies again.
-            "actions": [call_with_toolchain(cfg.toolchain_json, "gpt2_iree.verify:verify_build",
-                                            cfg.build_dir, name, report)],
+            "actions": [call_with_toolchain(cfg.toolchain_json, ENTRY, cfg.build_dir, name, report)],
             "file_dep": [*(cfg.build_dir / f for f in compile_outputs(name) if f.endswith(".vmfb")),
                          cfg.build_dir / "manifest.json", cfg.toolchain_json, *SOURCES],
             "targets": [report],
