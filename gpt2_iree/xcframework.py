@@ -21,7 +21,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from gpt2_iree.files import write_json
+from gpt2_iree.files import sha256_file, write_json
 from gpt2_iree.source_build import BuildError, Tree, read_json, require_build_tools, run_logged
 
 # The component under which IREE installs the runtime's libraries and headers.
@@ -55,10 +55,17 @@ def require_xcode() -> None:
                          f"`sudo xcode-select -s /Applications/Xcode.app`; the Command Line Tools alone lack xcodebuild")
 
 
-def current(tree: Tree) -> bool:
-    """Up to date while the XCFramework was made from the commit iree_build built."""
+def code_digests(sources) -> dict[str, str]:
+    """The sha256 of each file of the code that builds the XCFramework, by name."""
+    return {Path(path).name: sha256_file(path) for path in sources}
+
+
+def current(tree: Tree, sources) -> bool:
+    """Up to date while the XCFramework was made from the commit iree_build
+    built, by the code in `sources` as it is now."""
     record, build = read_json(tree.xcframework_record), read_json(tree.build_record)
-    return bool(record and build and record.get("commit") == build["commit"] and tree.xcframework.is_dir())
+    return bool(record and build and record.get("commit") == build["commit"]
+                and record.get("code") == code_digests(sources) and tree.xcframework.is_dir())
 
 
 def _build_arch(tree: Tree, target: Slice, arch: str, tools: dict, log) -> Path:
@@ -102,11 +109,12 @@ def _build_arch(tree: Tree, target: Slice, arch: str, tools: dict, log) -> Path:
     return merged
 
 
-def build(tree: Tree) -> None:
-    """The xcframework stage: every slice's runtime, merged into tree.xcframework."""
+def build(tree: Tree, sources) -> None:
+    """The xcframework stage: every slice's runtime, merged into tree.xcframework;
+    the record names the commit and the code (`sources`, read before it runs)."""
     require_xcode()
     tools = require_build_tools()
-    commit = read_json(tree.build_record)["commit"]
+    commit, code = read_json(tree.build_record)["commit"], code_digests(sources)
     tree.xcframework_record.unlink(missing_ok=True)  # a failed build must not look done
     tree.runtime.mkdir(parents=True, exist_ok=True)
     log_path = tree.runtime / "build.log"
@@ -129,5 +137,6 @@ def build(tree: Tree) -> None:
                    "xcodebuild -create-xcframework")
     shutil.rmtree(tree.xcframework, ignore_errors=True)
     tmp.rename(tree.xcframework)
-    write_json(tree.xcframework_record, {"commit": commit, "slices": {s.name: list(s.archs) for s in SLICES}})
+    write_json(tree.xcframework_record, {"commit": commit, "code": code,
+                                         "slices": {s.name: list(s.archs) for s in SLICES}})
     print(f"xcframework: {tree.xcframework} (IREE {commit[:12]})")
