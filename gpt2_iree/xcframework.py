@@ -4,7 +4,9 @@ The runtime is cross-built from toolchain=source's checkout, once per platform
 and architecture (CMake + Ninja, with the host tools of iree_build's install),
 as the build.sh of iree-for-apple-platforms did in 2023:
 
-  1. each build's static libraries merged into one `libiree.a` (libtool),
+  1. each build's installed static libraries merged into one `libiree.a`
+     (libtool): IREE's unified runtime library and the third-party ones it
+     lacks (see `select_archives`),
   2. a platform's architectures into one fat library (lipo),
   3. the three platforms, each with the runtime's headers, into
      `iree.xcframework` (xcodebuild -create-xcframework).
@@ -21,11 +23,16 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from gpt2_iree.files import write_json
+from gpt2_iree.files import sha256_file, write_json
 from gpt2_iree.source_build import BuildError, Tree, read_json, require_build_tools, run_logged
 
 # The component under which IREE installs the runtime's libraries and headers.
 RUNTIME_COMPONENT = "IREEDevLibraries-Runtime"
+# The runtime as one static library, which IREE makes of the component
+# libraries it installs beside it.
+UNIFIED_LIBRARY = "libiree_runtime_unified.a"
+# What a build's libraries are merged into.
+MERGED_LIBRARY = "libiree.a"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,17 +55,52 @@ SLICES = (
 def require_xcode() -> None:
     if platform.system() != "Darwin":
         raise BuildError(f"the XCFramework needs macOS with Xcode; this is {platform.system()}")
-    missing = [tool for tool in ("xcodebuild", "xcrun", "libtool", "lipo") if not shutil.which(tool)]
+    missing = [tool for tool in ("xcodebuild", "xcrun", "libtool", "lipo", "nm") if not shutil.which(tool)]
     if missing or subprocess.run(["xcodebuild", "-version"], capture_output=True).returncode != 0:
         raise BuildError(f"the XCFramework needs Xcode (xcodebuild{', ' + ', '.join(missing) if missing else ''}): "
                          f"install it from the App Store and select it with "
                          f"`sudo xcode-select -s /Applications/Xcode.app`; the Command Line Tools alone lack xcodebuild")
 
 
-def current(tree: Tree) -> bool:
-    """Up to date while the XCFramework was made from the commit iree_build built."""
+def code_digests(sources) -> dict[str, str]:
+    """The sha256 of each file of the code that builds the XCFramework, by name."""
+    return {Path(path).name: sha256_file(path) for path in sources}
+
+
+def current(tree: Tree, sources) -> bool:
+    """Up to date while the XCFramework was made from the commit iree_build
+    built, by the code in `sources` as it is now."""
     record, build = read_json(tree.xcframework_record), read_json(tree.build_record)
-    return bool(record and build and record.get("commit") == build["commit"] and tree.xcframework.is_dir())
+    return bool(record and build and record.get("commit") == build["commit"]
+                and record.get("code") == code_digests(sources) and tree.xcframework.is_dir())
+
+
+def defined_symbols(archive: Path) -> set[str]:
+    """The external symbols that the members of a static library define."""
+    # `-g --defined-only` reads the same with GNU nm and Xcode's (LLVM's) nm.
+    out = subprocess.run(["nm", "-g", "--defined-only", archive], check=True, capture_output=True,
+                         text=True).stdout
+    # A symbol's line is "address type name"; a member's header ("a.o:", or
+    # "lib.a(a.o):" on macOS) is one word.
+    return {fields[2] for fields in map(str.split, out.splitlines()) if len(fields) == 3}
+
+
+def select_archives(archives) -> list[Path]:
+    """The static libraries to merge into one: IREE's unified runtime library
+    and those it does not contain (third-party ones, e.g. flatcc's parser),
+    or, without a unified library, all of them.
+
+    A library whose every defined symbol the unified one defines is one of its
+    components, and merging both would define those symbols twice: an app
+    linked with -all_load or -ObjC (which the Metal driver's Objective-C needs)
+    fails on that. A merged library, a previous run's output, is never taken.
+    """
+    archives = sorted(Path(p) for p in archives if Path(p).name != MERGED_LIBRARY)
+    unified = next((p for p in archives if p.name == UNIFIED_LIBRARY), None)
+    if unified is None:
+        return archives
+    in_unified = defined_symbols(unified)
+    return [unified, *(p for p in archives if p != unified and not defined_symbols(p) <= in_unified)]
 
 
 def _build_arch(tree: Tree, target: Slice, arch: str, tools: dict, log) -> Path:
@@ -91,22 +133,28 @@ def _build_arch(tree: Tree, target: Slice, arch: str, tools: dict, log) -> Path:
                f"CMake configure ({label})")
     run_logged([tools["cmake"], "--build", build_dir], log, tree.runtime / "build.log", f"The runtime build ({label})",
                progress=f"runtime {label}")
+    # Installed afresh: a library that an earlier IREE installed must not be merged.
+    shutil.rmtree(install, ignore_errors=True)
     run_logged([tools["cmake"], "--install", build_dir, "--component", RUNTIME_COMPONENT, "--prefix", install],
                log, tree.runtime / "build.log", f"Installing the runtime ({label})")
-    # An app links one library: every static library of the build (the runtime
-    # and its third-party dependencies, e.g. flatcc), merged.
-    archives = sorted(p for p in build_dir.rglob("*.a") if install not in p.parents)
-    merged = build_dir / "libiree.a"
+    # An app links one library: the installed runtime and its third-party
+    # dependencies, each symbol once.
+    archives = select_archives((install / "lib").glob("*.a"))
+    if not archives:
+        raise BuildError(f"the runtime install has no static libraries in {install / 'lib'}; "
+                         f"see {tree.runtime / 'build.log'}")
+    merged = build_dir / MERGED_LIBRARY
     run_logged(["libtool", "-static", "-o", merged, *archives], log, tree.runtime / "build.log",
                f"Merging the static libraries ({label})")
     return merged
 
 
-def build(tree: Tree) -> None:
-    """The xcframework stage: every slice's runtime, merged into tree.xcframework."""
+def build(tree: Tree, sources) -> None:
+    """The xcframework stage: every slice's runtime, merged into tree.xcframework;
+    the record names the commit and the code (`sources`, read before it runs)."""
     require_xcode()
     tools = require_build_tools()
-    commit = read_json(tree.build_record)["commit"]
+    commit, code = read_json(tree.build_record)["commit"], code_digests(sources)
     tree.xcframework_record.unlink(missing_ok=True)  # a failed build must not look done
     tree.runtime.mkdir(parents=True, exist_ok=True)
     log_path = tree.runtime / "build.log"
@@ -114,7 +162,7 @@ def build(tree: Tree) -> None:
     with open(log_path, "w") as log:
         for target in SLICES:
             per_arch = [_build_arch(tree, target, arch, tools, log) for arch in target.archs]
-            fat = tree.runtime / target.name / "libiree.a"
+            fat = tree.runtime / target.name / MERGED_LIBRARY
             fat.parent.mkdir(parents=True, exist_ok=True)
             run_logged(["lipo", "-create", *per_arch, "-output", fat], log, log_path, f"lipo ({target.name})")
             headers = tree.runtime / f"{target.name}-{target.archs[0]}" / "install" / "include"
@@ -129,5 +177,6 @@ def build(tree: Tree) -> None:
                    "xcodebuild -create-xcframework")
     shutil.rmtree(tree.xcframework, ignore_errors=True)
     tmp.rename(tree.xcframework)
-    write_json(tree.xcframework_record, {"commit": commit, "slices": {s.name: list(s.archs) for s in SLICES}})
+    write_json(tree.xcframework_record, {"commit": commit, "code": code,
+                                         "slices": {s.name: list(s.archs) for s in SLICES}})
     print(f"xcframework: {tree.xcframework} (IREE {commit[:12]})")

@@ -5,9 +5,12 @@ from doit.tools import config_changed
 
 from gpt2_iree.targets import TARGETS, Target, log_name, vmfb_name
 from tasks.actions import call, remove_outputs
-from tasks.config import LIBRARY, load_config
+from tasks.config import load_config
+from tasks.sources import library_sources
 
-SOURCES = [LIBRARY / "targets.py", LIBRARY / "compiler.py"]
+# The function the action calls, and the library code it runs.
+ENTRY = "gpt2_iree.compiler:compile_for"
+SOURCES = library_sources(ENTRY)
 
 
 def outputs(target: Target) -> list[str]:
@@ -25,7 +28,7 @@ def task_compile():
         yield {
             "name": name,
             "doc": f"gpt2-{name}.vmfb: {target.description}",
-            "actions": [call("gpt2_iree.compiler:compile_for", cfg.toolchain_json, cfg.build_dir, name)],
+            "actions": [call(ENTRY, cfg.toolchain_json, cfg.build_dir, name)],
             "file_dep": [cfg.build_dir / "gpt2.mlir", cfg.build_dir / "gpt2-generate.mlir", cfg.toolchain_json,
                          *SOURCES],
             "targets": [cfg.build_dir / f for f in outputs(target) if f.endswith(".vmfb")],

@@ -3,10 +3,13 @@
 from doit.tools import config_changed
 
 from tasks.actions import call_with_toolchain, remove_outputs
-from tasks.config import LIBRARY, load_config
+from tasks.config import load_config
+from tasks.sources import library_sources
 
-# The library code whose output this stage writes: a change re-exports.
-SOURCES = [LIBRARY / f for f in ("model.py", "adafactor.py", "stateful.py", "export.py", "weights.py")]
+# The function the action calls, and the library code it runs (whose output
+# this stage writes): a change re-exports.
+ENTRY = "gpt2_iree.export:build"
+SOURCES = library_sources(ENTRY)
 OUTPUTS = ("gpt2.mlir", "gpt2-generate.mlir", "gpt2.irpa", "manifest.json")
 
 
@@ -16,7 +19,7 @@ def task_export():
     return {
         # The module is built with iree.compiler and the archive written with
         # iree.runtime: the toolchain's, so a source build exports with its own.
-        "actions": [call_with_toolchain(cfg.toolchain_json, "gpt2_iree.export:build", cfg.build_dir, cfg.model,
+        "actions": [call_with_toolchain(cfg.toolchain_json, ENTRY, cfg.build_dir, cfg.model,
                                         cfg.model_dir if cfg.needs_assets else None, cfg.weights,
                                         cfg.hub.shape() if cfg.hub else None, cfg.shapes(), cfg.optimizer)],
         "file_dep": [*SOURCES, cfg.toolchain_json, *([cfg.assets_lock] if cfg.needs_assets else [])],

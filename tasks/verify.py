@@ -3,9 +3,12 @@
 from gpt2_iree.targets import TARGETS, on_vulkan
 from tasks.actions import call_with_toolchain, remove_outputs
 from tasks.compile import outputs as compile_outputs
-from tasks.config import LIBRARY, load_config
+from tasks.config import load_config
+from tasks.sources import library_sources
 
-SOURCES = [LIBRARY / f for f in ("verify.py", "module.py", "devices.py", "device_memory.py", "model.py", "compiler.py")]
+# The function the action calls, and the library code it runs.
+ENTRY = "gpt2_iree.verify:verify_build"
+SOURCES = library_sources(ENTRY)
 
 
 def task_verify():
@@ -17,8 +20,8 @@ def task_verify():
             "name": name,
             "doc": f"verify gpt2-{name}.vmfb (and its generation module) -> verify-{name}.json",
             # Runs the module with the toolchain's iree.runtime: a new runtime verifies again.
-            "actions": [call_with_toolchain(cfg.toolchain_json, "gpt2_iree.verify:verify_build",
-                                            cfg.build_dir, name, report, cfg.toolchain_json)],
+            "actions": [call_with_toolchain(cfg.toolchain_json, ENTRY, cfg.build_dir, name, report,
+                                            cfg.toolchain_json)],
             "file_dep": [*(cfg.build_dir / f for f in compile_outputs(TARGETS[name]) if f.endswith(".vmfb")),
                          cfg.build_dir / "manifest.json", cfg.toolchain_json, *SOURCES],
             "targets": [report],

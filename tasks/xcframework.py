@@ -5,6 +5,14 @@ import platform
 from gpt2_iree import xcframework
 from tasks.actions import call, fail
 from tasks.config import IREE, load_config
+from tasks.sources import library_sources
+
+# The function the action calls, and the library code it runs. The stage is
+# shared by every configuration, so its record names that code (a file_dep
+# would be doit's per-configuration state: a new model or shape would build
+# the runtimes again).
+ENTRY = "gpt2_iree.xcframework:build"
+SOURCES = library_sources(ENTRY)
 
 
 def is_default(cfg) -> bool:
@@ -23,8 +31,8 @@ def task_xcframework():
         return {"actions": [fail("xcframework builds IREE's runtime from source: "
                                  "run `doit toolchain=source xcframework` (iree_ref=... picks the IREE)")]}
     return {
-        "actions": [call("gpt2_iree.xcframework:build", IREE)],
+        "actions": [call(ENTRY, IREE, SOURCES)],
         "task_dep": ["iree_build"],
         "targets": [IREE.xcframework_record],
-        "uptodate": [(xcframework.current, [IREE])],
+        "uptodate": [(xcframework.current, [IREE, SOURCES])],
     }
