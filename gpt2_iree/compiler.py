@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import shlex
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from gpt2_iree.errors import Gpt2IreeError
+from gpt2_iree.files import replace_atomically
 from gpt2_iree.targets import Target, compile_command, get_target, log_name, vmfb_name
 from gpt2_iree.toolchain import read_record
 
@@ -23,8 +23,7 @@ def compile_module(compiler: str, mlir: Path, target: Target, vmfb: Path, log: P
     """Compile `mlir` into `vmfb` (with `generation`, as the target's generation
     module); on failure raise with the log's tail. The unfinished output is
     removed whatever happens."""
-    tmp = vmfb.with_name(vmfb.name + ".tmp")
-    try:
+    def compile_to(tmp: Path) -> None:
         cmd = compile_command(compiler, target, mlir, tmp, generation)
         with open(log, "w") as log_file:
             log_file.write(shlex.join(cmd) + "\n")
@@ -34,9 +33,8 @@ def compile_module(compiler: str, mlir: Path, target: Target, vmfb: Path, log: P
             tail = "\n".join(log.read_text().splitlines()[-LOG_TAIL_LINES:])
             raise CompileError(f"iree-compile failed for target {target.name} "
                                f"(exit {result.returncode}); full log: {log}\n{tail}")
-        os.replace(tmp, vmfb)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    replace_atomically(vmfb, compile_to)
 
 
 def compile_target(compiler: str, build_dir: Path, target: Target) -> None:

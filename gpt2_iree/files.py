@@ -7,19 +7,37 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Callable
 
 
 def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """Call `write(tmp)` for a temporary path beside `path`, then rename it to `path`."""
+    """Call `write(tmp)` for a temporary path beside `path`, then rename it to `path`.
+
+    The temporary name is unique (two writers of one file never share it), and
+    the data is on disk (fsync) before the rename, so a crash leaves the old
+    file or the new one, never a renamed file whose blocks were not written.
+    """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
         write(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_text(path: Path, text: str) -> None:
