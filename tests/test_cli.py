@@ -100,3 +100,18 @@ def test_inspect_of_a_non_module_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "junk.vmfb").write_bytes(b"junk")
     assert main(["inspect", str(tmp_path / "junk.vmfb")]) == 2
     assert "junk.vmfb" in capsys.readouterr().err
+
+
+def test_every_command_runs_on_vulkan(tiny_vulkan_build, tmp_path):
+    build, tuned, numbers = str(tiny_vulkan_build), tmp_path / "tuned.irpa", tmp_path / "bench.json"
+    result = gpt2_iree("finetune", "--build-dir", build, "--device", "vulkan", "--text", SENTENCE, "--steps", "30",
+                       "--lr", "0.1", "--max-new-tokens", "64", "--out", str(tuned))
+    assert result.returncode == 0, result.stderr
+    assert f"after:  {SENTENCE}" in result.stdout
+    again = gpt2_iree("generate", "--build-dir", build, "--device", "vulkan", "--prompt", "The quic",
+                      "--max-new-tokens", "64", "--params", str(tuned))
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == SENTENCE
+    bench = gpt2_iree("bench", "--build-dir", build, "--device", "vulkan", "--repeats", "1", "--json", str(numbers))
+    assert bench.returncode == 0, bench.stderr
+    assert json.loads(numbers.read_text())["device"] == "vulkan"
