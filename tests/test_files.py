@@ -44,3 +44,14 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
         replace_atomically(target, fail)
     assert target.read_text() == "the weights"
     assert [p.name for p in tmp_path.iterdir()] == ["tuned.irpa"]
+
+
+def test_a_replaced_file_has_the_mode_the_umask_gives(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        write_text(tmp_path / "manifest.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "manifest.json").stat().st_mode & 0o777 == 0o644
