@@ -1,32 +1,39 @@
 """Time the compiled modules against `jax.jit` of the same functions on the same weights.
 
-Three phases, each at the module's own shapes (manifest "shapes": batch B,
-prompt length K, sequence length S):
+Every phase runs at the module's own shapes (manifest "shapes": batch B,
+prefill chunk K, context C, fine-tuning window S), and both sides are driven
+by the same host code (generation.Rows; JAX through reference.JaxReference):
 
-* prefill: one `encode` of a full-length random prompt (B, K), in ms;
-* decode: one `encode` (not timed), then `min(32, S - K)` `decode` steps; the
-  time of the steps over their number is ms per token, and
-  tokens/s = 1000 / ms * B. Each step brings its token to the host on both
-  sides, as a generation loop must to stream or stop;
+* prefill: one prefill call of a full chunk (B, K) at position 0, in ms;
+* long prefill: a prompt of LONG_PROMPT tokens (at most C), in ms: IREE in
+  chunks of K, JAX in one call. It is the time to the first token;
+* decode: after a chunk's prefill (not timed), DECODE_STEPS greedy steps; the
+  time of the steps over their number is ms per token, tokens/s = 1000 / ms * B.
+  Each step brings its token to the host on both sides, as a generation loop
+  must to stream or stop;
+* decode late: the same from position LATE_POSITION (or near the end of a
+  shorter context), where a step reads most of the cache;
+* decode sampled: the early decode at temperature 0.8, top-k 50, top-p 0.95 (IREE);
 * finetune: one optimizer step on random text (B, S) at learning rate 1e-4, in s.
 
 Every number is the median of `repeats` runs after `warmup` untimed ones (the
 warm-up also absorbs JAX's jit compilation), IREE and JAX taking turns run by
-run. JAX results are waited for with `block_until_ready` before the clock
-stops; the module's results are copied to the host, which waits for them. The
-JAX side threads its training state from step to step as the module does in
-its globals, and runs optax's Adafactor, its fastest; the module runs the
-rewrite in adafactor.py (the same step; `verify` holds the two together).
-Both sides share this process, so both run with `module.reuse_freed_memory`.
+run. JAX results are brought to the host before the clock stops; so are the
+module's. The JAX side threads its training state from step to step as the
+module does in its globals, and runs optax's Adafactor, its fastest; the
+module runs the rewrite in adafactor.py (the same step; `verify` holds the
+two together). Both sides share this process, so both run with
+`module.reuse_freed_memory`.
 
 IREE prefills and decodes on the build's generation module where it has one
 for the device (float16 weights; see export.py), as `Session.generate` does;
 decode is also timed on the whole (float32) module. JAX runs float32 weights:
 with float16 ones XLA upcasts every weight in every call and is 7x slower.
 
-The decode floor is the time to read every weight once at this machine's
-memory bandwidth (`measure_bandwidth_gbs`): a decode step of batch 1 must read
-them all, so no implementation on this memory is faster.
+A decode step of batch 1 must read every weight once, and late in the
+context the K/V cache up to its position too: the floors are those bytes at
+this machine's memory bandwidth (`measure_bandwidth_gbs`), which no
+implementation on this memory beats.
 """
 
 from __future__ import annotations
@@ -40,10 +47,14 @@ import numpy as np
 from gpt2_iree.files import replace_atomically
 
 DECODE_STEPS = 32
+LONG_PROMPT = 512
+LATE_POSITION = 900
 FINETUNE_LR = 1e-4
 METRICS = (  # result key, row label, unit
     ("prefill_ms", "prefill", "ms"),
+    ("long_prefill_ms", "long prefill (time to first token)", "ms"),
     ("decode_ms_per_token", "decode", "ms/token"),
+    ("decode_late_ms_per_token", "decode late in the context", "ms/token"),
     ("finetune_s_per_step", "finetune", "s/step"),
 )
 
@@ -94,7 +105,10 @@ def run_benchmark(build_dir: Path, device: str | None = None, repeats: int = 5, 
     import jax.numpy as jnp
 
     from gpt2_iree import model
+    from gpt2_iree.generation import Rows
     from gpt2_iree.module import Module, has_generation_module
+    from gpt2_iree.reference import JaxReference
+    from gpt2_iree.sampling import Sampling
 
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0 (got {repeats}, {warmup})")
@@ -106,62 +120,79 @@ def run_benchmark(build_dir: Path, device: str | None = None, repeats: int = 5, 
     cfg = model.GPT2Config(**manifest["config"])
     shapes = model.Shapes(**manifest["shapes"])
     optimizer = manifest["optimizer"]
-    B, K, S = shapes.batch, shapes.prompt_len, shapes.seq_len
-    steps = max(1, min(DECODE_STEPS, S - K))
-    log(f"bench: {manifest['model']} (B={B}, K={K}, S={S}, {optimizer}) on IREE {module.device} "
+    B, K, C, S = shapes.batch, shapes.prompt_len, shapes.context, shapes.seq_len
+    steps = max(1, min(DECODE_STEPS, C - K))
+    long_prompt = min(LONG_PROMPT, C)
+    late = max(K, min(LATE_POSITION, C - steps - 1))
+    log(f"bench: {manifest['model']} (B={B}, K={K}, context {C}, S={S}, {optimizer}) on IREE {module.device} "
         f"vs JAX {jax.default_backend()}; medians of {repeats} after {warmup} warm-up; IREE generates "
         f"with {dtype.name} weights")
 
     weights = module.archive_weights()
     weight_bytes = sum(v.nbytes for v in weights.values())
     params = {name: jnp.asarray(v) for name, v in weights.items()}
+    reference = JaxReference(manifest, params)
 
     rng = np.random.default_rng(0)
-    prompt = rng.integers(0, cfg.vocab_size, (B, K), dtype=np.int32)
-    lengths = np.full((B,), K, np.int32)
+    prompt = rng.integers(0, cfg.vocab_size, (B, late), dtype=np.int32).tolist()
     text = rng.integers(0, cfg.vocab_size, (B, S), dtype=np.int32)
     target = np.roll(text, -1, axis=1)
     text_lengths = np.full((B,), S - 1, np.int32)
     lr = np.float32(FINETUNE_LR)
 
-    jax_encode = jax.jit(lambda p, x, n: model.encode(p, cfg, shapes, x, n))
-    jax_decode = jax.jit(lambda p, c: model.decode(p, cfg, shapes, c))
-    reference = model.make_optimizer(optimizer)
-    jax_step = jax.jit(lambda p, o, x, t, n, r: model.train_step(p, o, cfg, reference, x, t, n, r))
+    def prefill_run(target_module, tokens: int):
+        rows = Rows(target_module)
 
-    # --- prefill ---
-    iree_prefill, jax_prefill = _paired_medians(
-        _clocked(lambda: generator.encode(prompt, lengths)),
-        _clocked(lambda: jax.block_until_ready(jax_encode(params, prompt, lengths))), repeats=repeats, warmup=warmup)
-    log(f"  prefill   IREE {iree_prefill * 1e3:9.3f} ms   JAX {jax_prefill * 1e3:9.3f} ms")
-
-    # --- decode: the encode before the steps is not timed ---
-    def iree_decode_run(timed):
-        def run():
-            timed.encode(prompt, lengths)
+        def run() -> float:
+            for row in range(B):
+                rows.start(row, Sampling())
             start = time.perf_counter()
-            for _ in range(steps):
-                timed.decode()
+            rows.feed({row: prompt[row][:tokens] for row in range(B)})
             return time.perf_counter() - start
         return run
 
-    def jax_decode_run():
-        cache, _ = jax.block_until_ready(jax_encode(params, prompt, lengths))
-        start = time.perf_counter()
-        for _ in range(steps):
-            cache, token = jax_decode(params, cache)
-            np.asarray(token)  # to the host, as the module's decode() does
-        jax.block_until_ready(cache)
-        return time.perf_counter() - start
+    def decode_run(target_module, position: int, sampling: Sampling = Sampling()):
+        """`steps` decode steps after a prefill of `position` tokens (not timed)."""
+        rows = Rows(target_module)
 
-    iree_decode_s, iree_decode_f32_s, jax_decode_s = (
-        t / steps for t in _paired_medians(iree_decode_run(generator), iree_decode_run(module), jax_decode_run,
-                                           repeats=repeats, warmup=warmup))
+        def run() -> float:
+            for row in range(B):
+                rows.start(row, sampling)
+            rows.feed({row: prompt[row][:position] for row in range(B)})
+            start = time.perf_counter()
+            for _ in range(steps):
+                rows.step(set(range(B)))
+            return (time.perf_counter() - start) / steps
+        return run
+
+    # --- prefill: a chunk, then a long prompt (JAX in one call of its length) ---
+    iree_prefill, jax_prefill = _paired_medians(prefill_run(generator, K), prefill_run(reference, K),
+                                                repeats=repeats, warmup=warmup)
+    log(f"  prefill   IREE {iree_prefill * 1e3:9.3f} ms   JAX {jax_prefill * 1e3:9.3f} ms   ({K} tokens)")
+    iree_long, jax_long = _paired_medians(
+        prefill_run(generator, long_prompt), prefill_run(JaxReference(manifest, params, long_prompt), long_prompt),
+        repeats=repeats, warmup=warmup)
+    log(f"  long prefill IREE {iree_long * 1e3:9.3f} ms   JAX {jax_long * 1e3:9.3f} ms   ({long_prompt} tokens; "
+        f"IREE in chunks of {K}: its time to the first token)")
+
+    # --- decode, early and late in the context ---
+    iree_decode_s, iree_decode_f32_s, jax_decode_s = _paired_medians(
+        decode_run(generator, K), decode_run(module, K), decode_run(reference, K), repeats=repeats, warmup=warmup)
     log(f"  decode    IREE {iree_decode_s * 1e3:9.3f} ms/token ({dtype.name} weights; float32: "
-        f"{iree_decode_f32_s * 1e3:.3f})   JAX {jax_decode_s * 1e3:9.3f} ms/token ({steps} steps)")
+        f"{iree_decode_f32_s * 1e3:.3f})   JAX {jax_decode_s * 1e3:9.3f} ms/token ({steps} steps from position {K})")
+    iree_late_s, jax_late_s = _paired_medians(decode_run(generator, late), decode_run(reference, late),
+                                              repeats=repeats, warmup=warmup)
+    log(f"  decode late IREE {iree_late_s * 1e3:9.3f} ms/token   JAX {jax_late_s * 1e3:9.3f} ms/token "
+        f"({steps} steps from position {late})")
+    sampled = Sampling(temperature=0.8, top_k=50, top_p=0.95)
+    (iree_sampled_s,) = _paired_medians(decode_run(generator, K, sampled), repeats=repeats, warmup=warmup)
+    log(f"  decode sampled IREE {iree_sampled_s * 1e3:9.3f} ms/token (temperature 0.8, top-k 50, top-p 0.95; "
+        f"greedy {iree_decode_s * 1e3:.3f})")
 
     # --- finetune: both sides carry their weights and optimizer state forward ---
-    state = {"params": params, "opt": reference.init(params)}
+    optimizer_reference = model.make_optimizer(optimizer)
+    jax_step = jax.jit(lambda p, o, x, t, n, r: model.train_step(p, o, cfg, optimizer_reference, x, t, n, r))
+    state = {"params": params, "opt": optimizer_reference.init(params)}
 
     def jax_finetune_run():
         new_params, new_opt, _ = jax.block_until_ready(
@@ -176,18 +207,26 @@ def run_benchmark(build_dir: Path, device: str | None = None, repeats: int = 5, 
     bandwidth = measure_bandwidth_gbs()
     floor_f32_ms = weight_bytes / (bandwidth * 1e9) * 1e3
     floor_ms = floor_f32_ms * dtype.itemsize / 4
+    # The K and V (float32) of every layer up to the late steps' mean position.
+    cache_bytes = B * cfg.n_layer * 2 * (late + steps // 2) * cfg.n_embd * 4
+    late_floor_ms = floor_ms + cache_bytes / (bandwidth * 1e9) * 1e3
     log(f"  memory bandwidth {bandwidth:.1f} GB/s; decode floor {floor_ms:.4f} ms/token "
-        f"({weight_bytes * dtype.itemsize / 4e6:.1f} MB of {dtype.name} weights; float32: {floor_f32_ms:.4f})")
+        f"({weight_bytes * dtype.itemsize / 4e6:.1f} MB of {dtype.name} weights; float32: {floor_f32_ms:.4f}); "
+        f"late {late_floor_ms:.4f} (and {cache_bytes / 1e6:.1f} MB of cache)")
 
     return {
         "prefill_ms": _pair(iree_prefill * 1e3, jax_prefill * 1e3),
+        "long_prefill_ms": _pair(iree_long * 1e3, jax_long * 1e3) | {"tokens": long_prompt},
         "decode_ms_per_token": _pair(iree_decode_s * 1e3, jax_decode_s * 1e3),
+        "decode_late_ms_per_token": _pair(iree_late_s * 1e3, jax_late_s * 1e3) | {"position": late},
+        "decode_sampled_ms_per_token": {"iree": iree_sampled_s * 1e3},
         "decode_float32_ms_per_token": _pair(iree_decode_f32_s * 1e3, jax_decode_s * 1e3),
         "finetune_s_per_step": _pair(iree_finetune, jax_finetune),
         "tokens_per_s": {"iree": B / iree_decode_s, "jax": B / jax_decode_s},
         "generation_weights": dtype.name,
         "bandwidth_gbs": bandwidth,
         "decode_floor_ms": floor_ms,
+        "decode_late_floor_ms": late_floor_ms,
         "decode_float32_floor_ms": floor_f32_ms,
         "model": manifest["model"],
         "config": {**manifest["config"], **manifest["shapes"], "optimizer": optimizer},
@@ -206,15 +245,17 @@ def format_table(result: dict) -> str:
     rows = [(f"{label} ({unit})", _num(result[key]["iree"]), _num(result[key]["jax"]),
              f"{result[key]['ratio']:.2f}x") for key, label, unit in METRICS]
     f32 = result["decode_float32_ms_per_token"]
-    rows[2:2] = [("  tokens/s", _num(result["tokens_per_s"]["iree"]), _num(result["tokens_per_s"]["jax"]), ""),
-                 ("decode, float32 module (ms/token)", _num(f32["iree"]), _num(f32["jax"]), f"{f32['ratio']:.2f}x")]
+    rows[3:3] = [("  tokens/s", _num(result["tokens_per_s"]["iree"]), _num(result["tokens_per_s"]["jax"]), ""),
+                 ("decode, float32 module (ms/token)", _num(f32["iree"]), _num(f32["jax"]), f"{f32['ratio']:.2f}x"),
+                 ("decode, sampled (ms/token)", _num(result["decode_sampled_ms_per_token"]["iree"]), "", "")]
     header = ("", "IREE", "JAX", "IREE/JAX")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
 
     def line(row) -> str:
         return "  ".join([row[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(row[1:], widths[1:])])
 
-    shape = f"B={c.get('batch')}, K={c.get('prompt_len')}, S={c.get('seq_len')}, {c.get('optimizer')}"
+    shape = (f"B={c.get('batch')}, K={c.get('prompt_len')}, context {c.get('context')}, S={c.get('seq_len')}, "
+             f"{c.get('optimizer')}")
     dtype = result["generation_weights"]
     out = [f"{result['model']} ({shape}) on IREE {result['device']} vs jax.jit; "
            f"medians of {result['repeats']}; IREE/JAX < 1 means IREE is faster",
@@ -223,7 +264,11 @@ def format_table(result: dict) -> str:
            f"memory bandwidth: {result['bandwidth_gbs']:.1f} GB/s",
            f"decode floor (every weight read once per token): {result['decode_floor_ms']:.4g} ms/token with "
            f"{dtype} weights, {result['decode_float32_floor_ms']:.4g} with float32; IREE decode is "
-           f"{result['decode_ms_per_token']['iree'] / result['decode_floor_ms']:.1f}x its floor"]
+           f"{result['decode_ms_per_token']['iree'] / result['decode_floor_ms']:.1f}x its floor",
+           f"late in the context (position {result['decode_late_ms_per_token']['position']}, the cache read too): "
+           f"floor {result['decode_late_floor_ms']:.4g} ms/token; IREE decode is "
+           f"{result['decode_late_ms_per_token']['iree'] / result['decode_late_floor_ms']:.1f}x it",
+           f"long prefill: {result['long_prefill_ms']['tokens']} tokens"]
     return "\n".join(out)
 
 
@@ -243,10 +288,11 @@ def plot(result: dict, path: Path) -> None:
         ax.bar_label(bars, labels=[_num(v) for v in values])
         ax.set_title(label)
         ax.set_ylabel(unit)
-        if key == "decode_ms_per_token":
-            ax.axhline(result["decode_floor_ms"], color="tab:red", linestyle="--",
-                       label=f"bandwidth floor of IREE's {result['generation_weights']} weights: "
-                             f"{_num(result['decode_floor_ms'])} ms")
+        floor = {"decode_ms_per_token": "decode_floor_ms", "decode_late_ms_per_token": "decode_late_floor_ms"}
+        if key in floor:
+            ax.axhline(result[floor[key]], color="tab:red", linestyle="--",
+                       label=f"bandwidth floor ({result['generation_weights']} weights"
+                             f"{', cache' if key != 'decode_ms_per_token' else ''}): {_num(result[floor[key]])} ms")
             ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), fontsize="small", frameon=False)
         ax.margins(y=0.15)
     fig.suptitle(f"{result['model']} on IREE {result['device']} vs jax.jit (median of {result['repeats']})")

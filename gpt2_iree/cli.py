@@ -7,6 +7,7 @@ builds with no vars) and `--device` (default: the best this host has).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -21,12 +22,75 @@ def _session(args, params: Path | None = None):
     return Session(args.build_dir, args.device, params)
 
 
+def _prompts(args) -> list[str]:
+    """The prompts given, checked before any work: --prompt (repeatable), or
+    one per line of --prompts-file. An empty prompt is unconditional text."""
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        try:
+            lines = path.read_text().splitlines()
+        except OSError as err:
+            raise Gpt2IreeError(f"--prompts-file {path}: {err.strerror or err}") from None
+        if not lines:
+            raise Gpt2IreeError(f"--prompts-file {path} is empty; give one prompt per line")
+        return lines
+    return args.prompt or []
+
+
 def cmd_generate(args) -> None:
+    from gpt2_iree.sampling import Sampling
+
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    prompts = _prompts(args)
+    if not prompts and not args.interactive:
+        raise Gpt2IreeError("give --prompt TEXT (repeatable), --prompts-file FILE or --interactive")
     session = _session(args, args.params)
-    print(args.prompt, end="", flush=True)
-    for piece in session.generate(args.prompt, args.max_new_tokens):
+    for prompt in prompts:
+        if (n := len(session.encode_prompt(prompt))) > session.context:
+            print(f"gpt2-iree generate: note: a prompt is {n} tokens, longer than the context of "
+                  f"{session.context}: the model sees its last {session.context // 2} (rebuild with "
+                  f"`doit context=N` for more, up to the model's positions)", file=sys.stderr)
+    options = {"max_new_tokens": args.max_new_tokens, "sampling": sampling, "stop": tuple(args.stop)}
+    if args.interactive:
+        _interactive(session, prompts, options)
+    elif args.json or len(prompts) > 1:
+        for completion in session.complete(prompts, **options):
+            if args.json:
+                print(json.dumps({"prompt": completion.prompt, "completion": completion.text,
+                                  "tokens": completion.tokens, "stop_reason": completion.stop_reason,
+                                  "device": session.module.device}), flush=True)
+            else:
+                print(completion.prompt + completion.text, flush=True)
+    else:
+        _stream(session.generate(prompts[0], **options), prompts[0])
+
+
+def _stream(pieces, before: str = "") -> None:
+    print(before, end="", flush=True)
+    for piece in pieces:
         print(piece, end="", flush=True)
-    print()
+    print(flush=True)
+
+
+def _interactive(session, prompts: list[str], options: dict) -> None:
+    """Each line of standard input (after any --prompt) continues the same
+    cache; `/reset` on a line of its own starts over; end of input ends."""
+    lines = iter(prompts)
+    resume = False
+    while True:
+        line = next(lines, None)
+        if line is None:
+            line = sys.stdin.readline()
+            if not line:
+                return
+            line = line.rstrip("\n")
+        if line.strip() == "/reset":
+            session.reset()
+            resume = False
+            print("(reset)", flush=True)
+            continue
+        _stream(session.generate(line, resume=resume, **options))
+        resume = True
 
 
 def _read_texts(args) -> list[str]:
@@ -132,9 +196,20 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="gpt2-iree", description=__doc__.splitlines()[0])
     sub = top.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("generate", parents=[common], help="complete a prompt, printing tokens as they come")
-    p.add_argument("--prompt", required=True)
+    p = sub.add_parser("generate", parents=[common], help="complete prompts, printing tokens as they come")
+    prompts = p.add_mutually_exclusive_group()
+    prompts.add_argument("--prompt", action="append", help="a prompt (repeatable; empty: unconditional text)")
+    prompts.add_argument("--prompts-file", help="a file of prompts, one per line")
     p.add_argument("--max-new-tokens", type=_positive_int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="... and the fewest whose probability reaches P (1: off)")
+    p.add_argument("--seed", type=int, default=0, help="the sampling generator's seed")
+    p.add_argument("--stop", action="append", default=[], help="end the completion before this text (repeatable)")
+    p.add_argument("--interactive", action="store_true",
+                   help="continue the same cache with each line of standard input; /reset starts over")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per prompt: prompt, completion, tokens, stop_reason, device")
     p.add_argument("--params", type=Path, help="a .irpa of weights (e.g. saved by finetune --out)")
     p.set_defaults(run=cmd_generate)
 

@@ -1,15 +1,21 @@
 """GPT-2 as stateful IREE modules: the entry points and the files they make.
 
-The module `@gpt2` (gpt2.mlir) exports
-  encode(prompt[B,K] i32, lengths[B] i32) -> next token[B,1]   fills the KV cache
-  decode() -> next token[B,1]                                    extends it one step
+The module `@gpt2` (gpt2.mlir) exports, with SAMPLING = temperature[B] f32,
+top_k[B] i32, top_p[B] f32 (one setting per row; temperature 0 is greedy):
+  prefill(chunk[B,K] i32, lengths[B] i32, starts[B] i32, SAMPLING) -> next token[B,1]
+      appends a chunk of each row's prompt to the KV cache at `starts`
+  decode_<W>(active[B] i32, SAMPLING) -> next token[B,1]   one step for the active
+      rows, attending over the first W cache slots; one entry per window W of
+      `Shapes.decode_windows`
+  seed(seeds[B] i32, rows[B] i32)            restarts the generator of the rows flagged
   finetune(text[B,S], target[B,S], lengths[B], learning_rate) -> loss
   get_params() -> every weight;  set_params(every weight)
-  get_state() -> the last step's logits and the KV cache (for verification)
-and keeps the weights, KV cache and optimizer state in globals between calls.
+  get_state() -> the last step's logits, the KV cache and the generators (for verification)
+and keeps the weights, KV cache, generators and optimizer state in globals
+between calls.
 
-The module `@gpt2_generate` (gpt2-generate.mlir) exports only encode, decode
-and get_state, for generation at half the memory traffic: it reads the same
+The module `@gpt2_generate` (gpt2-generate.mlir) exports only the generation
+entries (prefill, decode_<W>, seed, get_state), at half the memory traffic: it reads the same
 float32 archive once, at load, into float16 weights that no call changes. Being
 constant, they can be prepared for the machine once (on the CPU, data tiling
 packs them for its matrix-vector kernels): a 124M decode step takes 9 ms there
@@ -31,38 +37,83 @@ from gpt2_iree.archive import write_irpa
 from gpt2_iree.files import replace_atomically, sha256_file, write_json, write_text
 
 MODULE_NAME = "gpt2"
-FUNCTIONS = ("encode", "decode", "finetune", "get_params", "set_params", "get_state")
 GENERATE_MODULE_NAME = "gpt2_generate"
-GENERATE_FUNCTIONS = ("encode", "decode", "get_state")
 GENERATE_DTYPE = np.dtype("float16")
+
+
+def decode_function(window: int) -> str:
+    return f"decode_{window}"
+
+
+def generate_functions(shapes: model.Shapes) -> list[str]:
+    """The entry points of `@gpt2_generate`, in order."""
+    return ["prefill", *map(decode_function, shapes.decode_windows), "seed", "get_state"]
+
+
+def functions(shapes: model.Shapes) -> list[str]:
+    """The entry points of `@gpt2`, in order."""
+    return [*generate_functions(shapes)[:-1], "finetune", "get_params", "set_params", "get_state"]
 
 
 def _i32(*shape):
     return jax.ShapeDtypeStruct(shape, jnp.int32)
 
 
+def generation_state(cfg: model.GPT2Config, shapes: model.Shapes) -> dict:
+    """The state groups of generation: the KV cache (and each row's position,
+    last token and logits), and apart from it the rows' generators, which
+    `seed` writes without touching the cache."""
+    cache = model.empty_cache(cfg, shapes)
+    return {"cache": {k: v for k, v in cache.items() if k != "key"}, "rng": {"key": cache["key"]}}
+
+
+def state_names(cfg: model.GPT2Config, shapes: model.Shapes) -> list[str]:
+    """What get_state returns, in order: the cache's leaves, then the generators'."""
+    return [name for group in generation_state(cfg, shapes).values() for name in sorted(group)]
+
+
+def _split(cache: dict) -> tuple[dict, dict]:
+    return {k: v for k, v in cache.items() if k != "key"}, {"key": cache["key"]}
+
+
 def _generation(cfg: model.GPT2Config, shapes: model.Shapes, weights: str, upcast) -> dict[str, stateful.Entry]:
-    """encode, decode and get_state, reading the weights from state group `weights`
-    and computing in float32 (`upcast` turns the stored weights into float32)."""
+    """prefill, decode_<W>, seed and get_state, reading the weights from state
+    group `weights` and computing in float32 (`upcast` turns the stored
+    weights into float32)."""
     B, K = shapes.batch, shapes.prompt_len
+    sampling = (jax.ShapeDtypeStruct((B,), jnp.float32), _i32(B), jax.ShapeDtypeStruct((B,), jnp.float32))
 
-    def encode(stored, prompt, lengths):
-        cache, token = model.encode(upcast(stored), cfg, shapes, prompt, lengths)
-        return (cache,), token[:, None]
+    def prefill(stored, cache, rng, chunk, lengths, starts, temperature, top_k, top_p):
+        new, token = model.prefill(upcast(stored), cfg, shapes, cache | rng, chunk, lengths, starts,
+                                   (temperature, top_k, top_p))
+        return _split(new), token[:, None]
 
-    def decode(stored, cache):
-        cache, token = model.decode(upcast(stored), cfg, shapes, cache)
-        return (cache,), token[:, None]
+    def decoder(window: int):
+        def decode(stored, cache, rng, active, temperature, top_k, top_p):
+            new, token = model.decode(upcast(stored), cfg, shapes, cache | rng, window, active,
+                                      (temperature, top_k, top_p))
+            return _split(new), token[:, None]
+        return decode
 
-    return {
-        "encode": stateful.Entry("encode", encode, (_i32(B, K), _i32(B)), reads=(weights,), writes=("cache",)),
-        "decode": stateful.Entry("decode", decode, reads=(weights, "cache"), writes=("cache",)),
-        "get_state": stateful.Entry("get_state", lambda cache: ((), cache), reads=("cache",)),
+    def seed(rng, seeds, rows):
+        return ({"key": jnp.where((rows != 0)[:, None], model.seeded_keys(seeds), rng["key"])},), ()
+
+    state = (weights, "cache", "rng")
+    table = {
+        "prefill": stateful.Entry("prefill", prefill, (_i32(B, K), _i32(B), _i32(B), *sampling),
+                                  reads=state, writes=("cache", "rng")),
+        "seed": stateful.Entry("seed", seed, (_i32(B), _i32(B)), reads=("rng",), writes=("rng",)),
+        "get_state": stateful.Entry("get_state", lambda cache, rng: ((), (cache, rng)), reads=("cache", "rng")),
     }
+    for window in shapes.decode_windows:
+        name = decode_function(window)
+        table[name] = stateful.Entry(name, decoder(window), (_i32(B), *sampling), reads=state,
+                                     writes=("cache", "rng"))
+    return table
 
 
 def entries(cfg: model.GPT2Config, shapes: model.Shapes, optimizer: str, params) -> list[stateful.Entry]:
-    """The entry points of `@gpt2`, in FUNCTIONS order."""
+    """The entry points of `@gpt2`, in `functions` order."""
     B, S = shapes.batch, shapes.seq_len
     param_avals = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in params.items()}
 
@@ -79,13 +130,13 @@ def entries(cfg: model.GPT2Config, shapes: model.Shapes, optimizer: str, params)
         "get_params": stateful.Entry("get_params", lambda params: ((), params), reads=("params",)),
         "set_params": stateful.Entry("set_params", lambda new: ((new,), ()), (param_avals,), writes=("params",)),
     }
-    return [table[name] for name in FUNCTIONS]
+    return [table[name] for name in functions(shapes)]
 
 
 def initial_state(cfg: model.GPT2Config, shapes: model.Shapes, optimizer: str, params) -> dict:
     return {
         "params": params,
-        "cache": model.empty_cache(cfg, shapes),
+        **generation_state(cfg, shapes),
         "opt": model.make_optimizer(optimizer).init(params),
     }
 
@@ -106,9 +157,9 @@ def export_generate_mlir(cfg: model.GPT2Config, shapes: model.Shapes, params) ->
         return {k: w.astype(jnp.float32) for k, w in weights.items()}
 
     half = {k: jax.ShapeDtypeStruct(np.shape(v), GENERATE_DTYPE) for k, v in params.items()}
-    state = {"params": params, "weights": half, "cache": model.empty_cache(cfg, shapes)}
+    state = {"params": params, "weights": half, **generation_state(cfg, shapes)}
     table = _generation(cfg, shapes, "weights", upcast)
-    return stateful.build_module(GENERATE_MODULE_NAME, state, "params", [table[n] for n in GENERATE_FUNCTIONS],
+    return stateful.build_module(GENERATE_MODULE_NAME, state, "params", [table[n] for n in generate_functions(shapes)],
                                  initializer=stateful.Entry("to_half", to_half, reads=("params",), writes=("weights",)))
 
 
@@ -143,14 +194,16 @@ def export_build(out_dir: Path, name: str, cfg: model.GPT2Config, params: dict, 
         "model": name,
         "config": dataclasses.asdict(cfg),
         "shapes": dataclasses.asdict(shapes),
+        "decode_windows": list(shapes.decode_windows),
+        "cache_len": shapes.cache_len,
         "optimizer": optimizer,
         "weights": weights,
-        "functions": list(FUNCTIONS),
-        "generate": {"module": GENERATE_MODULE_NAME, "functions": list(GENERATE_FUNCTIONS),
+        "functions": functions(shapes),
+        "generate": {"module": GENERATE_MODULE_NAME, "functions": generate_functions(shapes),
                      "weights_dtype": GENERATE_DTYPE.name},
         # get_params/set_params order: JAX flattens a dict in sorted key order.
         "params": [[k, list(params[k].shape)] for k in sorted(params)],
-        "state": sorted(model.empty_cache(cfg, shapes)),
+        "state": state_names(cfg, shapes),
         "irpa_sha256": sha256_file(out_dir / "gpt2.irpa"),
         "tokenizer": "tokenizer.json" if tokenizer else None,
     })
@@ -160,7 +213,8 @@ def build(out_dir: Path, name: str, model_dir: Path | None, weights: str, shape:
           shapes: dict, optimizer: str) -> None:
     """The export stage: load the model and write the build directory's inputs."""
     cfg, params = load_model(model_dir, weights, shape)
-    if shapes["seq_len"] > cfg.n_positions:
-        raise ValueError(f"seq_len={shapes['seq_len']} exceeds the model's {cfg.n_positions} positions")
+    for var in ("context", "seq_len"):
+        if shapes[var] > cfg.n_positions:
+            raise ValueError(f"{var}={shapes[var]} exceeds the model's {cfg.n_positions} positions")
     tokenizer = Path(model_dir) / "tokenizer.json" if model_dir else None
     export_build(Path(out_dir), name, cfg, params, model.Shapes(**shapes), optimizer, weights, tokenizer)

@@ -12,8 +12,11 @@ code; each avoids something IREE 3.13 rejects or runs slowly (see DESIGN.md):
   >= 128, which (3, H, Q, E) would not be, and IREE runs the q/k/v projection
   written as one einsum over heads 2.7x slower (4.1 vs 1.5 ms per layer in a
   124M fine-tuning step).
-* The KV cache is updated with a one-hot `where` over the sequence axis, not
-  `dynamic_update_slice` under vmap, which lowers to a batched scatter.
+* The KV cache is written with one `dynamic_update_slice` per row, not under
+  vmap (a batched scatter), nor as a one-hot `where` over the sequence axis,
+  which reads and writes the whole cache to add one position. A decode step
+  attends over a static window of the cache (`decode(..., window)`, one entry
+  point per window), so late steps read what they need and early ones less.
 * The loss is `-sum(log_softmax * one_hot)`, not `take_along_axis`, whose
   gradient is a batched scatter too.
 * Masks use `where(mask, x, -1e9)`; `x - inf * mask` would give 0 * inf = NaN.
@@ -60,11 +63,31 @@ class GPT2Config:
 
 @dataclasses.dataclass(frozen=True)
 class Shapes:
-    """The static shapes one compiled module is specialised to."""
+    """The static shapes one compiled module is specialised to: `batch` rows,
+    prefill chunks of `prompt_len` tokens, a KV cache of `context` positions,
+    and fine-tuning windows of `seq_len` tokens."""
 
     batch: int
     prompt_len: int
+    context: int
     seq_len: int
+
+    @property
+    def cache_len(self) -> int:
+        """Cache slots: the context plus one chunk of slack, so that a chunk
+        written at any position below `context` fits (dynamic_update_slice
+        would move a write that runs past the end)."""
+        return self.context + self.prompt_len
+
+    @property
+    def decode_windows(self) -> tuple[int, ...]:
+        """The cache windows a decode step can attend over, one entry point
+        each: doubling from a chunk up to the context."""
+        windows, w = [], self.prompt_len
+        while w < self.context:
+            windows.append(w)
+            w *= 2
+        return (*windows, self.context)
 
 
 # --- parameters -------------------------------------------------------------
@@ -175,77 +198,171 @@ def _embed(params, tokens, positions):
     return params["wte"][tokens] + params["wpe"][positions]
 
 
-def forward(params, cfg: GPT2Config, tokens):
-    """Full causal forward over tokens (B,T) -> logits (B,T,V_padded)."""
+def forward(params, cfg: GPT2Config, tokens, kv: dict | None = None):
+    """Full causal forward over tokens (B,T) -> logits (B,T,V_padded). Given a
+    dict `kv`, it also receives each layer's keys and values, "k.<i>" and
+    "v.<i>" (B,T,H,Q): what a cache holds after these tokens."""
     T = tokens.shape[1]
     causal = jnp.tril(jnp.ones((T, T), bool))[None]
+
+    def attend(i, q, k, v):
+        if kv is not None:
+            kv[f"k.{i}"], kv[f"v.{i}"] = k, v
+        return _attend(q, k, v, causal)
+
     x = _embed(params, tokens, jnp.arange(T)[None])
     for i in range(cfg.n_layer):
-        x = _block(params, i, cfg, x, lambda _, q, k, v: _attend(q, k, v, causal))
+        x = _block(params, i, cfg, x, attend)
     return _logits(params, cfg, x)
 
 
 # --- inference with a KV cache ------------------------------------------------
 
 
+
 def empty_cache(cfg: GPT2Config, shapes: Shapes) -> dict[str, jax.Array]:
-    """The decode state: per-layer K and V (B,S,H,Q), the next write position,
-    the last token produced, and that step's logits (kept for verification)."""
-    kv_shape = (shapes.batch, shapes.seq_len, cfg.n_head, cfg.head_dim)
+    """The decode state: per-layer K and V (B, cache_len, H, Q); per row the
+    next write position, the last token, that step's logits (kept for
+    verification) and its random generator's key (threefry's two uint32
+    words, held as int32: IREE's globals are signless)."""
+    kv_shape = (shapes.batch, shapes.cache_len, cfg.n_head, cfg.head_dim)
     cache = {"pos": jnp.zeros((shapes.batch,), jnp.int32),
              "token": jnp.zeros((shapes.batch,), jnp.int32),
-             "logits": jnp.zeros((shapes.batch, cfg.padded_vocab), jnp.float32)}
+             "logits": jnp.zeros((shapes.batch, cfg.padded_vocab), jnp.float32),
+             "key": jnp.zeros((shapes.batch, 2), jnp.int32)}
+    # A slot's content is never read before a write, so any start will do, and
+    # each layer's K and V start at a value of their own: IREE 3.13 takes a
+    # mutable global that is only ever updated in place (as dynamic_update_slice
+    # does) for a constant, and merges constants that start equal, so all the
+    # caches became one buffer that every layer wrote.
     for i in range(cfg.n_layer):
-        cache[f"k.{i}"] = jnp.zeros(kv_shape, jnp.float32)
-        cache[f"v.{i}"] = jnp.zeros(kv_shape, jnp.float32)
+        cache[f"k.{i}"] = jnp.full(kv_shape, 2 * i, jnp.float32)
+        cache[f"v.{i}"] = jnp.full(kv_shape, 2 * i + 1, jnp.float32)
     return cache
 
 
-def encode(params, cfg: GPT2Config, shapes: Shapes, prompt, lengths):
-    """Prefill: prompt (B,K) right-padded, lengths (B,) -> (cache, next token (B,)).
+def _write_rows(cache_kv, new, starts):
+    """cache_kv (B,L,H,Q) with each row b's `new[b]` (T,H,Q) written at `starts[b]`."""
+    for b in range(cache_kv.shape[0]):
+        cache_kv = jax.lax.dynamic_update_slice(cache_kv, new[b:b + 1], (b, starts[b], 0, 0))
+    return cache_kv
 
-    Rows shorter than K carry junk K/V after their length; decode overwrites
-    those slots one by one before any query can see them.
+
+# Bisection steps that find the top-k and top-p thresholds: they halve the
+# logits' range each, so 24 resolve a range of 100 to 6e-6.
+THRESHOLD_STEPS = 24
+
+
+def _thresholds(scaled, top_k, top_p):
+    """Per row, the largest logit thresholds at which at least `top_k` tokens
+    (count) and at least `top_p` of the probability (mass) stay at or above
+    them: the top-k set and the top-p nucleus without sorting the vocabulary.
+    (IREE 3.13's top-k is wrong on its SPIR-V path: Vulkan and Metal.)"""
+    probs = jax.nn.softmax(scaled, axis=-1)
+    k = jnp.maximum(top_k, 1).astype(scaled.dtype)[:, None]
+    # Every real token is at or above it (count V, mass 1); the padded
+    # vocabulary's NEG_INF would make the range, and each step, 1e9 wide.
+    low = jnp.min(jnp.where(scaled > NEG_INF / 2, scaled, -NEG_INF), axis=-1, keepdims=True)
+    high = jnp.max(scaled, axis=-1, keepdims=True) + 1.0  # none: count 0, mass 0
+    k_low, k_high, p_low, p_high = low, high, low, high
+    for _ in range(THRESHOLD_STEPS):
+        k_mid, p_mid = (k_low + k_high) / 2, (p_low + p_high) / 2
+        enough = jnp.sum((scaled >= k_mid).astype(scaled.dtype), axis=-1, keepdims=True) >= k
+        k_low, k_high = jnp.where(enough, k_mid, k_low), jnp.where(enough, k_high, k_mid)
+        mass = jnp.sum(jnp.where(scaled >= p_mid, probs, 0.0), axis=-1, keepdims=True) >= top_p[:, None]
+        p_low, p_high = jnp.where(mass, p_mid, p_low), jnp.where(mass, p_high, p_mid)
+    return k_low, p_low
+
+
+def sample(logits, key, temperature, top_k, top_p):
+    """One token per row from logits (B,V): greedy where temperature is 0, else
+    drawn from softmax(logits / temperature) restricted to the `top_k` most
+    likely tokens (0: no limit) and to the smallest set of the most likely
+    whose probability reaches `top_p` (1: no limit). Per row: key (B,2)
+    int32, temperature (B,) float, top_k (B,) int, top_p (B,) float ->
+    (tokens (B,), new keys).
+
+    Draws are Gumbel-max: argmax(logits / T + Gumbel noise) over the allowed
+    tokens is distributed as softmax(logits / T) over them. Every path is
+    computed and one picked per row, greedy rows too: IREE 3.13's vectorizer
+    crashes on a sampler under a lax.cond at batch 1.
     """
-    K = prompt.shape[1]
-    causal = jnp.tril(jnp.ones((K, K), bool))[None]
-    cache = {}
-
-    def attend(i, q, k, v):
-        pad = ((0, 0), (0, shapes.seq_len - K), (0, 0), (0, 0))
-        cache[f"k.{i}"], cache[f"v.{i}"] = jnp.pad(k, pad), jnp.pad(v, pad)
-        return _attend(q, k, v, causal)
-
-    x = _embed(params, prompt, jnp.arange(K)[None])
-    for i in range(cfg.n_layer):
-        x = _block(params, i, cfg, x, attend)
-    last = jax.nn.one_hot(lengths - 1, K, dtype=x.dtype)
-    logits = _logits(params, cfg, jnp.einsum("bk,bke->be", last, x)[:, None])[:, 0]
-    token = _greedy(logits)
-    cache |= {"pos": lengths.astype(jnp.int32), "token": token, "logits": logits}
-    return cache, token
+    split = jax.vmap(jax.random.split)(jax.lax.bitcast_convert_type(key, jnp.uint32))
+    key, noise_key = jax.lax.bitcast_convert_type(split[:, 0], jnp.int32), split[:, 1]
+    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (logits.shape[-1],)))(noise_key)
+    k_threshold, p_threshold = _thresholds(scaled, top_k, top_p)
+    allowed = (((top_k == 0)[:, None] | (scaled >= k_threshold))
+               & ((top_p >= 1.0)[:, None] | (scaled >= p_threshold)))
+    drawn = _greedy(jnp.where(allowed, scaled + gumbel, NEG_INF))
+    return jnp.where(temperature > 0, drawn, _greedy(logits)).astype(jnp.int32), key
 
 
-def decode(params, cfg: GPT2Config, shapes: Shapes, cache):
-    """One step: feed the last token at `pos`, write its K/V, predict the next."""
-    pos, S = cache["pos"], shapes.seq_len
-    here = (jnp.arange(S)[None] == pos[:, None])  # (B,S) one-hot write slot
-    visible = (jnp.arange(S)[None] <= pos[:, None])[:, None]  # (B,1,S)
+def seeded_keys(seeds):
+    """Per-row generator keys (B,2) from int32 seeds (B,), as the cache holds them."""
+    keys = jax.vmap(lambda s: jax.random.key_data(jax.random.key(s, impl="threefry2x32")))(seeds)
+    return jax.lax.bitcast_convert_type(keys, jnp.int32)
+
+
+def prefill(params, cfg: GPT2Config, shapes: Shapes, cache, chunk, lengths, starts, sampling):
+    """Append a chunk to each row's sequence and pick the token after it.
+
+    chunk (B,C) right-padded, lengths (B,) of its real tokens (0: the row is
+    left as it was), starts (B,) where each row's chunk goes (its current
+    length; 0 starts over). `sampling` is (temperature, top_k, top_p), one
+    value per row. -> (cache, next token (B,)).
+
+    A chunk's padding writes junk K/V past the row's end, where no query looks
+    before decode overwrites it; the cache's slack keeps those writes in bounds.
+    """
+    C = chunk.shape[1]
+    positions = starts[:, None] + jnp.arange(C)[None]  # (B,C)
+    visible = jnp.arange(shapes.cache_len)[None, None] <= positions[:, :, None]  # (B,C,L)
     new = {}
 
     def attend(i, q, k, v):
-        slot = here[:, :, None, None]
-        new[f"k.{i}"] = jnp.where(slot, k, cache[f"k.{i}"])
-        new[f"v.{i}"] = jnp.where(slot, v, cache[f"v.{i}"])
+        new[f"k.{i}"] = _write_rows(cache[f"k.{i}"], k, starts)
+        new[f"v.{i}"] = _write_rows(cache[f"v.{i}"], v, starts)
         return _attend(q, new[f"k.{i}"], new[f"v.{i}"], visible)
+
+    x = _embed(params, chunk, jnp.minimum(positions, cfg.n_positions - 1))
+    for i in range(cfg.n_layer):
+        x = _block(params, i, cfg, x, attend)
+    last = jax.nn.one_hot(jnp.maximum(lengths - 1, 0), C, dtype=x.dtype)
+    logits = _logits(params, cfg, jnp.einsum("bc,bce->be", last, x)[:, None])[:, 0]
+    token, key = sample(logits, cache["key"], *sampling)
+    used = lengths > 0
+    new |= {"pos": jnp.where(used, starts + lengths, cache["pos"]).astype(jnp.int32),
+            "token": jnp.where(used, token, cache["token"]),
+            "logits": jnp.where(used[:, None], logits, cache["logits"]),
+            "key": jnp.where(used[:, None], key, cache["key"])}
+    return new, new["token"]
+
+
+def decode(params, cfg: GPT2Config, shapes: Shapes, cache, window: int, active, sampling):
+    """One step: feed each row's last token at its position, write its K/V,
+    attend over the first `window` cache slots (static; every active row's
+    position must be below it) and pick the next token. Rows whose `active`
+    (B,) is 0 keep their state; their K/V write lands past their sequence.
+    -> (cache, token (B,))."""
+    pos = cache["pos"]
+    visible = (jnp.arange(window)[None] <= pos[:, None])[:, None]  # (B,1,W)
+    new = {}
+
+    def attend(i, q, k, v):
+        new[f"k.{i}"] = _write_rows(cache[f"k.{i}"], k, pos)
+        new[f"v.{i}"] = _write_rows(cache[f"v.{i}"], v, pos)
+        return _attend(q, new[f"k.{i}"][:, :window], new[f"v.{i}"][:, :window], visible)
 
     x = _embed(params, cache["token"][:, None], jnp.minimum(pos, cfg.n_positions - 1)[:, None])
     for i in range(cfg.n_layer):
         x = _block(params, i, cfg, x, attend)
     logits = _logits(params, cfg, x)[:, 0]
-    token = _greedy(logits)
-    new |= {"pos": pos + 1, "token": token, "logits": logits}
-    return new, token
+    token, key = sample(logits, cache["key"], *sampling)
+    on = active != 0
+    new |= {"pos": jnp.where(on, pos + 1, pos), "token": jnp.where(on, token, cache["token"]),
+            "logits": jnp.where(on[:, None], logits, cache["logits"]), "key": jnp.where(on[:, None], key, cache["key"])}
+    return new, new["token"]
 
 
 # --- training -----------------------------------------------------------------

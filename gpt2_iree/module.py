@@ -23,7 +23,7 @@ from gpt2_iree.errors import Gpt2IreeError
 from gpt2_iree.targets import vmfb_name
 
 # What `doit` builds with no vars (tests/test_module.py keeps the two in step).
-DEFAULT_BUILD_DIR = Path("build/gpt2/pretrained-b1-k8-s64-adafactor")
+DEFAULT_BUILD_DIR = Path("build/gpt2/pretrained-b1-k64-c1024-s128-adafactor")
 
 # mallopt(3) parameters of glibc's malloc.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
@@ -154,11 +154,20 @@ class Module:
     def _host(self, result) -> np.ndarray:
         return device_memory.to_numpy(self._device, result)
 
-    def encode(self, prompt: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        return self._host(self.functions.encode(*self._args(prompt.astype(np.int32), lengths.astype(np.int32))))
+    def prefill(self, chunk: np.ndarray, lengths: np.ndarray, starts: np.ndarray, sampling: tuple) -> np.ndarray:
+        """Append chunk[b, :lengths[b]] to row b's cache at starts[b]; each row's
+        next token (B,). `sampling`: temperature (B,), top_k (B,), top_p (B,)."""
+        return self._host(self.functions.prefill(*self._args(*_int32(chunk, lengths, starts), *_settings(sampling))))[:, 0]
 
-    def decode(self) -> np.ndarray:
-        return self._host(self.functions.decode())
+    def decode(self, window: int, active: np.ndarray, sampling: tuple) -> np.ndarray:
+        """One step of the active rows, attending over the first `window` cache
+        slots (one of the manifest's decode_windows); each row's token (B,)."""
+        decode = getattr(self.functions, f"decode_{window}")
+        return self._host(decode(*self._args(*_int32(active), *_settings(sampling))))[:, 0]
+
+    def seed(self, seeds: np.ndarray, rows: np.ndarray) -> None:
+        """Restart the generator of each row whose `rows` flag is set, at its seed."""
+        self.functions.seed(*self._args(*_int32(seeds, rows)))
 
     def finetune(self, text: np.ndarray, target: np.ndarray, lengths: np.ndarray, learning_rate: float) -> float:
         loss = self.functions.finetune(*self._args(text.astype(np.int32), target.astype(np.int32),
@@ -187,6 +196,15 @@ class Module:
     def get_state(self) -> dict[str, np.ndarray]:
         values = self.functions.get_state()
         return {name: self._host(v) for name, v in zip(self.manifest["state"], values, strict=True)}
+
+
+def _int32(*arrays) -> list[np.ndarray]:
+    return [np.asarray(a, np.int32) for a in arrays]
+
+
+def _settings(sampling: tuple) -> list[np.ndarray]:
+    temperature, top_k, top_p = sampling
+    return [np.asarray(temperature, np.float32), np.asarray(top_k, np.int32), np.asarray(top_p, np.float32)]
 
 
 def has_generation_module(module: Module) -> bool:

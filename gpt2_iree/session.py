@@ -2,12 +2,67 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
+from gpt2_iree.generation import Rows
 from gpt2_iree.module import DEFAULT_BUILD_DIR, BuildError, Module, has_generation_module
+from gpt2_iree.sampling import GREEDY, Sampling
+
+STOP_REASONS = ("eot", "stop", "length")
+
+
+@dataclasses.dataclass
+class Completion:
+    """One prompt's completion: its text, its new token ids (end-of-text not
+    included) and why it ended: end-of-text, a stop string, or max_new_tokens."""
+
+    prompt: str
+    text: str
+    tokens: list[int]
+    stop_reason: str
+
+
+class _Text:
+    """A completion as it grows: tokens in, the text that is safe to show out.
+
+    Text is held back while it could still be the start of a stop string or
+    ends inside a multi-byte character (only the whole sequence decodes right);
+    a stop string ends the completion before it.
+    """
+
+    def __init__(self, tokenizer, stop: tuple[str, ...]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.tokens: list[int] = []
+        self.text, self.shown = "", 0
+        self.stop_reason: str | None = None
+
+    def add(self, token: int) -> str:
+        """Take the next token; the new text to show."""
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens)
+        if text.endswith("\ufffd"):
+            return ""
+        found = [i for i in (text.find(s, max(0, self.shown - len(s))) for s in self.stop) if i >= 0]
+        if found:
+            self.text, self.stop_reason = text[:min(found)], "stop"
+            return self._show(len(self.text))
+        self.text = text
+        held = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        return self._show(len(text) - held)
+
+    def end(self, reason: str) -> str:
+        """End the completion for `reason` ("eot", "length"); the text still held."""
+        self.stop_reason = reason
+        return self._show(len(self.text))
+
+    def _show(self, upto: int) -> str:
+        piece = self.text[self.shown:upto]
+        self.shown = max(self.shown, upto)
+        return piece
 
 
 class Session:
@@ -19,6 +74,11 @@ class Session:
     `generate` runs on the generation module where the build has one for the
     device (float16 weights, twice as fast), opened on the current weights when
     first needed; else on the whole module.
+
+    The KV cache is kept between calls: `generate(..., resume=True)` appends the
+    new text to what the cache holds (the last prompt and its completion) and
+    prefills only that; `reset()` starts over. A full context shifts: see
+    generation.py.
     """
 
     def __init__(self, build_dir: Path = DEFAULT_BUILD_DIR, device: str | None = None, params: Path | None = None):
@@ -26,57 +86,104 @@ class Session:
 
         self.module = Module(build_dir, device, params)
         self._generator: Module | None = None  # the generation module, once opened
+        self._rows: Rows | None = None  # its rows' caches
         self._tuned = False  # whether the weights have changed since the archive
         manifest = self.module.manifest
         shapes = manifest["shapes"]
         self.batch, self.prompt_len, self.seq_len = shapes["batch"], shapes["prompt_len"], shapes["seq_len"]
+        self.context = shapes["context"]
         if manifest["tokenizer"] is None:
             raise BuildError(f"{build_dir} has no tokenizer (weights=random of a Hub model downloads "
                              f"nothing); build with weights=pretrained to use text")
         self.tokenizer = Tokenizer(self.module.build_dir / manifest["tokenizer"])
 
     def encode_prompt(self, prompt: str) -> list[int]:
-        """Token ids of a prompt, refused before any work if the module can't take it."""
-        ids = self.tokenizer.encode(prompt)
-        if not ids:
-            raise ValueError("the prompt is empty; give at least one token of text")
-        if len(ids) > self.prompt_len:
-            raise ValueError(f"the prompt is {len(ids)} tokens; this module takes at most {self.prompt_len} "
-                             f"(rebuild with `doit prompt_len={len(ids)}` for longer prompts)")
-        return ids
+        """Token ids of a prompt. An empty prompt is end-of-text: GPT-2's start
+        of unconditional text. One longer than the context is generated from
+        its most recent half-context of tokens (see generation.Rows.feed)."""
+        return self.tokenizer.encode(prompt) or [self.tokenizer.eot_id]
 
-    def generate(self, prompt: str, max_new_tokens: int = 32) -> Iterator[str]:
-        """Yield the completion of `prompt` piece by piece as tokens come (greedy).
+    def reset(self) -> None:
+        """Forget what the cache holds: the next `generate` starts over."""
+        self._rows = None
 
-        Stops after `max_new_tokens`, at end-of-text, or when the KV cache is
-        full (`seq_len` positions: the prompt and what was generated).
+    def generate(self, prompt: str, max_new_tokens: int = 32, sampling: Sampling = GREEDY,
+                 stop: tuple[str, ...] = (), resume: bool = False) -> Iterator[str]:
+        """Yield the completion of `prompt` piece by piece as tokens come.
+
+        Stops after `max_new_tokens`, at end-of-text, or before the first of
+        the `stop` strings. With `resume`, `prompt` continues what the cache
+        holds, in the same generator stream; else it starts afresh, seeded
+        with `sampling.seed`.
         """
-        ids = self.encode_prompt(prompt)
+        text = _Text(self.tokenizer, tuple(stop))
+        tokens = self.generate_ids(self.encode_prompt(prompt), max_new_tokens, sampling, resume)
+        for token in tokens:
+            if piece := text.add(token):
+                yield piece
+            if text.stop_reason:
+                tokens.close()
+                return
+        if piece := text.end("length"):
+            yield piece
+
+    def generate_ids(self, ids: list[int], max_new_tokens: int = 32, sampling: Sampling = GREEDY,
+                     resume: bool = False) -> Iterator[int]:
+        """`generate` for callers that tokenize themselves: yield the new token
+        ids of row 0, ending before end-of-text or after `max_new_tokens`."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}; give at least 1")
-        prompt_ids = np.zeros((self.batch, self.prompt_len), np.int32)
-        prompt_ids[:, : len(ids)] = ids  # every row the same prompt; row 0 is returned
-        lengths = np.full((self.batch,), len(ids), np.int32)
-        # encode predicts the token at position len(ids); each decode writes one
-        # cache slot, the last at seq_len - 1.
-        limit = min(max_new_tokens, self.seq_len - len(ids) + 1)
-        new: list[int] = []
-        text = ""
-        generator = self.generation_module()
-        token = int(generator.encode(prompt_ids, lengths)[0, 0])
-        while True:
+        rows = self._rows_for(resume)
+        if resume and rows.history[0]:
+            rows.settings[0] = sampling  # the same generator stream, new settings
+        else:
+            rows.start(0, sampling)
+        token = rows.feed({0: list(ids)})[0]
+        for produced in range(1, max_new_tokens + 1):
             if token == self.tokenizer.eot_id:
                 return
-            new.append(token)
-            # Decode everything so far and yield what is new: a multi-byte
-            # character can span tokens, and only the whole sequence decodes right.
-            decoded = self.tokenizer.decode(new)
-            if not decoded.endswith("\ufffd"):
-                yield decoded[len(text):]
-                text = decoded
-            if len(new) >= limit:
-                return
-            token = int(generator.decode()[0, 0])
+            yield token
+            if produced < max_new_tokens:
+                token = rows.step({0})[0]
+
+    def complete(self, prompts: list[str], max_new_tokens: int = 32, sampling: Sampling = GREEDY,
+                 stop: tuple[str, ...] = ()) -> list[Completion]:
+        """Complete each prompt on its own, `batch` at a time, one row each:
+        a prompt's completion is the one it gets alone, with the same seed."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens}; give at least 1")
+        encoded = [self.encode_prompt(p) for p in prompts]
+        done = []
+        for first in range(0, len(prompts), self.batch):
+            group = range(first, min(first + self.batch, len(prompts)))
+            rows = self._rows_for(resume=False)
+            for row in range(len(group)):
+                rows.start(row, sampling)
+            texts = [_Text(self.tokenizer, tuple(stop)) for _ in group]
+            live = set(range(len(group)))
+            next_tokens = rows.feed({row: encoded[i] for row, i in enumerate(group)})
+            while live:
+                for row in sorted(live):
+                    token, text = next_tokens[row], texts[row]
+                    if token == self.tokenizer.eot_id:
+                        text.end("eot")
+                    else:
+                        text.add(token)
+                    if not text.stop_reason and len(text.tokens) >= max_new_tokens:
+                        text.end("length")
+                    if text.stop_reason:
+                        live.discard(row)
+                if live:
+                    next_tokens = rows.step(live)
+            self._rows = None  # the rows hold this group now, not a conversation
+            done += [Completion(prompts[i], t.text, t.tokens, t.stop_reason) for i, t in zip(group, texts)]
+        return done
+
+    def _rows_for(self, resume: bool) -> Rows:
+        generator = self.generation_module()
+        if self._rows is None or self._rows.module is not generator or not resume:
+            self._rows = Rows(generator)
+        return self._rows
 
     def generation_module(self) -> Module:
         """The module `generate` runs on: the generation module on the current

@@ -11,6 +11,7 @@ cannot run, the artifacts are checked structurally instead.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import zipfile
@@ -21,7 +22,8 @@ import numpy as np
 from gpt2_iree.errors import Gpt2IreeError
 
 TOLERANCE = 1e-4
-DECODE_STEPS = 8
+DECODE_STEPS = 16
+SAMPLED_STEPS = 32
 FINETUNE_STEPS = 3
 # The default fine-tuning rate of the CLI: on the 124M shape the loss moves
 # ~1.0 a step, so a module that skipped or botched the update fails at once.
@@ -37,51 +39,131 @@ def relative_error(actual, expected) -> float:
     return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30))
 
 
-def _compare_state(module_state: dict, jax_state: dict, vocab_size: int) -> dict:
-    """Largest relative error of the KV cache (any layer) and of the real-vocab logits."""
-    kv = max(relative_error(module_state[k], jax_state[k]) for k in jax_state if k[0] in "kv")
-    logits = relative_error(module_state["logits"][:, :vocab_size], np.asarray(jax_state["logits"])[:, :vocab_size])
-    return {"kv": kv, "logits": logits}
-
-
-def _check_generation(module, params: dict, seed: int) -> dict:
-    """encode and up to DECODE_STEPS decode steps on `module` and on JAX with
-    `params`: the tokens, whether they are equal, and the relative errors."""
+def _forward(params, cfg, tokens: list[int], length: int) -> tuple[np.ndarray, dict]:
+    """JAX's full causal forward over one sequence, an independent path from the
+    cache: the last position's logits, and every position's K/V by layer.
+    Padded to `length` (what is causal never sees the padding) so that one
+    compiled forward serves every sequence."""
     import jax
 
     from gpt2_iree import model
 
+    def run(p, t):
+        kv = {}
+        return model.forward(p, cfg, t, kv)[0], {k: v[0] for k, v in kv.items()}
+
+    padded = np.zeros((1, length), np.int32)
+    padded[0, :len(tokens)] = tokens
+    logits, kv = _jitted(run)(params, padded)
+    n = len(tokens)
+    return np.asarray(logits[n - 1]), {k: np.asarray(v[:n]) for k, v in kv.items()}
+
+
+_JITTED: dict = {}
+
+
+def _jitted(fn):
+    """One jax.jit per function's code, reused across calls (a new closure each call would recompile)."""
+    import jax
+
+    return _JITTED.setdefault(fn.__code__, jax.jit(fn))
+
+
+def _cache_errors(state: dict, rows, params, cfg) -> dict:
+    """Largest relative error of each row's last logits and K/V (the slots its
+    history fills) against `_forward` on that history."""
+    logits_err, kv_err = 0.0, 0.0
+    for row in range(rows.batch):
+        logits, kv = _forward(params, cfg, rows.history[row], rows.context)
+        logits_err = max(logits_err, relative_error(state["logits"][row, :cfg.vocab_size], logits[:cfg.vocab_size]))
+        n = len(rows.history[row])
+        kv_err = max(kv_err, *(relative_error(state[k][row, :n], kv[k]) for k in kv))
+    return {"logits": logits_err, "kv": kv_err}
+
+
+def _check_generation(module, params: dict, seed: int) -> dict:
+    """Chunked prefill, DECODE_STEPS greedy decode steps across a context shift,
+    and SAMPLED_STEPS sampled ones, on `module` and on JAX with `params`.
+
+    Prefill and decode are compared with JAX's full causal forward, which
+    knows nothing of caches, chunks or windows: greedy tokens equal, logits and
+    K/V within TOLERANCE. Sampling is compared with the same sampler run by JAX
+    (`JaxReference`): tokens equal for the same seeds and settings; and top_k=1
+    must be greedy.
+    """
+    from gpt2_iree import model
+    from gpt2_iree.generation import Rows
+    from gpt2_iree.reference import JaxReference
+    from gpt2_iree.sampling import Sampling
+
     cfg = model.GPT2Config(**module.manifest["config"])
     shapes = model.Shapes(**module.manifest["shapes"])
-    B, K, S = shapes.batch, shapes.prompt_len, shapes.seq_len
+    B, C, T = shapes.batch, shapes.prompt_len, shapes.context
     rng = np.random.default_rng(seed)
-    # Rows of different lengths exercise the padding paths of encode and decode.
-    prompt = rng.integers(0, cfg.vocab_size, (B, K), dtype=np.int32)
-    lengths = np.array([max(1, K - b) for b in range(B)], np.int32)
-    tokens = [module.encode(prompt, lengths)[:, 0]]
-    state = module.get_state()
-    cache, token = jax.jit(lambda p, x, n: model.encode(p, cfg, shapes, x, n))(params, prompt, lengths)
-    ref_tokens = [np.asarray(token)]
-    encode_err = _compare_state(state, cache, cfg.vocab_size)
+    # Prompts that end a few steps short of a full context, not a whole number
+    # of chunks, of different lengths per row: the decode steps then cross a
+    # context shift, and every row pads its last chunk differently.
+    lengths = [max(1, T - DECODE_STEPS // 2 - b) for b in range(B)]
+    prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in lengths]
+    rows = Rows(module)
+    for row in range(B):
+        rows.start(row, Sampling())
+    rows.feed(dict(enumerate(prompts)))
+    errors = {f"prefill_{k}": v for k, v in _cache_errors(module.get_state(), rows, params, cfg).items()}
 
-    steps = min(DECODE_STEPS, S - K)
-    decode = jax.jit(lambda p, c: model.decode(p, cfg, shapes, c))
-    for _ in range(steps):
-        tokens.append(module.decode()[:, 0])
-        cache, token = decode(params, cache)
-        ref_tokens.append(np.asarray(token))
-    decode_err = _compare_state(module.get_state(), cache, cfg.vocab_size)
+    visible = [list(p) for p in prompts]  # what each row's model sees, as llama.cpp's context shift keeps it
+    tokens, reference = [], []
+    for _ in range(DECODE_STEPS):
+        for row in range(B):
+            visible[row].append(rows.pending[row])
+            if len(visible[row]) > T:
+                visible[row] = visible[row][-(T // 2):]
+        expected = [int(np.argmax(_forward(params, cfg, v, T)[0][:cfg.vocab_size])) for v in visible]
+        step = rows.step(set(range(B)))
+        tokens.append([step[row] for row in range(B)])
+        reference.append(expected)
+    errors |= {f"decode_{k}": v for k, v in _cache_errors(module.get_state(), rows, params, cfg).items()}
+
+    settings = Sampling(temperature=0.8, top_k=50, top_p=0.95, seed=seed + 7)
+    sampled = {}
+    for name, target in (("module", module), ("jax", JaxReference(module.manifest, params))):
+        runs = Rows(target)
+        for row in range(B):
+            runs.start(row, dataclasses.replace(settings, seed=settings.seed + row))
+        steps = [runs.feed(dict(enumerate(prompts)))]
+        steps += [runs.step(set(range(B))) for _ in range(SAMPLED_STEPS - 1)]
+        sampled[name] = [[s[row] for row in range(B)] for s in steps]
+    top1 = Rows(module)
+    for row in range(B):
+        top1.start(row, Sampling(temperature=1.0, top_k=1, seed=seed))
+    top1_tokens = [top1.feed(dict(enumerate(prompts)))]
+    top1_tokens += [top1.step(set(range(B))) for _ in range(DECODE_STEPS - 1)]
+    greedy = Rows(module)
+    for row in range(B):
+        greedy.start(row, Sampling())
+    greedy_tokens = [greedy.feed(dict(enumerate(prompts)))]
+    greedy_tokens += [greedy.step(set(range(B))) for _ in range(DECODE_STEPS - 1)]
+
     return {
-        "tokens": [t.tolist() for t in tokens],
-        "tokens_equal": all(np.array_equal(a, b) for a, b in zip(tokens, ref_tokens)),
-        "decode_steps": steps,
-        "relative_errors": {"encode_logits": encode_err["logits"], "encode_kv": encode_err["kv"],
-                            "decode_logits": decode_err["logits"], "decode_kv": decode_err["kv"]},
+        "prompt_lengths": lengths,
+        "tokens": tokens,
+        "tokens_equal": tokens == reference,
+        "decode_steps": DECODE_STEPS,
+        "sampled": {"settings": dataclasses.asdict(settings), "steps": SAMPLED_STEPS, "tokens": sampled["module"],
+                    "equal_to_jax": sampled["module"] == sampled["jax"],
+                    "top_k_1_is_greedy": top1_tokens == greedy_tokens},
+        "relative_errors": errors,
     }
 
 
+def _generation_passed(report: dict) -> bool:
+    sampled = report["sampled"]
+    return (report["tokens_equal"] and sampled["equal_to_jax"] and sampled["top_k_1_is_greedy"]
+            and all(e <= TOLERANCE for e in report["relative_errors"].values()))
+
+
 def check_parity(module, seed: int = 0) -> dict:
-    """Run encode, decode and finetune on `module` (a runtime.Module) and on JAX."""
+    """Run the generation entry points and finetune on `module` (a module.Module) and on JAX."""
     import jax
     import jax.numpy as jnp
 
@@ -128,36 +210,32 @@ def check_parity(module, seed: int = 0) -> dict:
         "reference_losses": ref_losses,
         "relative_errors": errors,
         "worst_param_tensor": {"name": worst, "relative_error": per_tensor[worst]},
-        "passed": generation["tokens_equal"] and all(e <= TOLERANCE for e in errors.values()),
+        "passed": _generation_passed(generation | {"relative_errors": errors}),
     }
 
 
 def check_generation_parity(module, seed: int = 0) -> dict:
-    """Run encode and decode on the generation `module` and on JAX with the same
-    float16-rounded weights; also report what the rounding costs: the relative
-    error of the reference's logits against float32 weights."""
-    import jax
+    """Run the generation entry points on the generation `module` and on JAX
+    with the same float16-rounded weights; also report what the rounding
+    costs: the relative error of the logits of a prompt against float32 weights."""
     import jax.numpy as jnp
 
     from gpt2_iree import model
 
     cfg = model.GPT2Config(**module.manifest["config"])
-    shapes = model.Shapes(**module.manifest["shapes"])
     dtype = module.manifest["generate"]["weights_dtype"]
     weights = module.archive_weights()
     params = {name: jnp.asarray(v.astype(dtype).astype(np.float32)) for name, v in weights.items()}
     report = _check_generation(module, params, seed)
-    B, K = shapes.batch, shapes.prompt_len
-    prompt = np.random.default_rng(seed).integers(0, cfg.vocab_size, (B, K), dtype=np.int32)
-    lengths = np.full((B,), K, np.int32)
-    encode = jax.jit(lambda p: model.encode(p, cfg, shapes, prompt, lengths)[0]["logits"][:, :cfg.vocab_size])
+    prompt = np.random.default_rng(seed).integers(0, cfg.vocab_size, module.manifest["shapes"]["prompt_len"]).tolist()
+    rounded, exact = (_forward(p, cfg, prompt, len(prompt))[0][:cfg.vocab_size] for p in (params, weights))
     return report | {
         "kind": "parity",
         "device": module.device,
         "tolerance": TOLERANCE,
         "weights_dtype": dtype,
-        "rounding_cost": {"encode_logits": relative_error(encode(params), encode(weights))},
-        "passed": report["tokens_equal"] and all(e <= TOLERANCE for e in report["relative_errors"].values()),
+        "rounding_cost": {"prompt_logits": relative_error(rounded, exact)},
+        "passed": _generation_passed(report),
     }
 
 
@@ -196,13 +274,14 @@ def verify_build(build_dir: Path, target_name: str, report_path: Path, toolchain
     The report is written either way (it is how a failure is read); a failed
     check then raises, so doit marks the stage failed and retries it next run.
     """
-    from gpt2_iree import compiler, export, targets
+    from gpt2_iree import compiler, targets
     from gpt2_iree.devices import available_devices
     from gpt2_iree.files import write_json
-    from gpt2_iree.module import Module
+    from gpt2_iree.module import Module, read_manifest
     from gpt2_iree.toolchain import read_record, runtime_tool
 
     build_dir = Path(build_dir)
+    build_manifest = read_manifest(build_dir)
     target = targets.get_target(target_name)
     have = available_devices()
     record = read_record(toolchain_json)
@@ -213,7 +292,7 @@ def verify_build(build_dir: Path, target_name: str, report_path: Path, toolchain
 
     def structure(generation: bool) -> dict:
         return check_structure(build_dir / targets.vmfb_name(target_name, generation), target.executable_format,
-                               list(export.GENERATE_FUNCTIONS if generation else export.FUNCTIONS),
+                               build_manifest["generate"]["functions"] if generation else build_manifest["functions"],
                                runtime_tool("iree-dump-module"))
 
     if target.runtime_driver in have and target_name != "ios":
@@ -256,10 +335,13 @@ def summary(report: dict) -> str:
         weights = ""
         if "weights_dtype" in r:
             weights = (f" with {r['weights_dtype']} weights (rounding them moved the logits "
-                       f"{r['rounding_cost']['encode_logits']:.1e})")
+                       f"{r['rounding_cost']['prompt_logits']:.1e})")
         where = f"{r['device']}, running {r['module']}" if r["kind"] == "parity-on-vulkan" else r["device"]
+        sampled = r["sampled"]
         text = (f"{what}: parity with JAX{weights} {'ok' if r['passed'] else 'FAILED'} on {where} "
-                f"(tokens equal: {r['tokens_equal']}; relative errors: {errors}; tolerance {r['tolerance']:g})")
+                f"(greedy tokens equal: {r['tokens_equal']}; sampled tokens equal: {sampled['equal_to_jax']}; "
+                f"top-k 1 greedy: {sampled['top_k_1_is_greedy']}; relative errors: {errors}; "
+                f"tolerance {r['tolerance']:g})")
         return f"{text}; {structure(r['structure'])}" if "structure" in r else text
 
     lines = [line(report, report["target"])]

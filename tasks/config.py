@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.metadata
+import json
 from pathlib import Path
 
 from doit import doit_cmd
@@ -29,7 +30,6 @@ LIBRARY = Path(gpt2_iree.__file__).resolve().parent
 WEIGHTS = ("pretrained", "random")
 OPTIMIZERS = ("adafactor", "sgd", "adamw")  # gpt2_iree.model.OPTIMIZERS, without importing jax
 DEFAULT_TARGETS = ("metal", "ios", "cpu")
-MAX_SEQ_LEN = 1024
 TOOLCHAINS = ("wheel", "source")
 
 # name -> (default, one-line help); `doit help` users read this table too.
@@ -37,9 +37,10 @@ VARS = {
     "model": ("gpt2", f"{' | '.join(models.MODEL_NAMES)} | a local Hugging Face GPT-2 directory"),
     "weights": ("pretrained", " | ".join(WEIGHTS)),
     "targets": (",".join(DEFAULT_TARGETS), f"comma list of {', '.join(TARGETS)}"),
-    "batch": ("1", "batch size"),
-    "prompt_len": ("8", "prompt tokens per row (encode's K)"),
-    "seq_len": ("64", f"KV cache and fine-tuning length (S), at most {MAX_SEQ_LEN}"),
+    "batch": ("1", "independent sequences generated (and texts fine-tuned) at once"),
+    "prompt_len": ("64", "prefill chunk: prompt tokens per prefill call, at most context"),
+    "context": ("", "KV cache positions: the longest prompt plus completion (default: the model's n_positions)"),
+    "seq_len": ("128", "fine-tuning window in tokens, at most the model's n_positions"),
     "optimizer": ("adafactor", " | ".join(OPTIMIZERS)),
     "hf_endpoint": ("", "Hugging Face mirror URL (or env GPT2_IREE_HF_ENDPOINT)"),
     "toolchain": ("wheel", f"{' | '.join(TOOLCHAINS)} (IREE built from iree_repo at iree_ref)"),
@@ -56,6 +57,7 @@ class BuildConfig:
     targets: tuple[str, ...]
     batch: int
     prompt_len: int
+    context: int
     seq_len: int
     optimizer: str
     hf_endpoint: str | None
@@ -103,7 +105,7 @@ class BuildConfig:
     def config_key(self) -> str:
         """Also keys the toolchain: a source build's outputs (and doit state) are
         never taken for the wheels', so switching back and forth finds both up to date."""
-        key = f"{self.weights}-b{self.batch}-k{self.prompt_len}-s{self.seq_len}-{self.optimizer}"
+        key = f"{self.weights}-b{self.batch}-k{self.prompt_len}-c{self.context}-s{self.seq_len}-{self.optimizer}"
         return key if self.toolchain == "wheel" else f"{key}-{self.toolchain}"
 
     @property
@@ -124,18 +126,32 @@ class BuildConfig:
         return STATE / self.model_key / f"{self.config_key}.sqlite3"
 
     def shapes(self) -> dict:
-        return {"batch": self.batch, "prompt_len": self.prompt_len, "seq_len": self.seq_len}
+        return {"batch": self.batch, "prompt_len": self.prompt_len, "context": self.context, "seq_len": self.seq_len}
 
 
-def _positive_int(name: str, text: str, maximum: int | None = None) -> int:
+def _positive_int(name: str, text: str, maximum: int | None = None, bounded_by: str = "") -> int:
+    """`text` as an integer in 1..maximum; `bounded_by` says what sets the maximum."""
     try:
         value = int(text)
     except ValueError:
         value = 0
     if value < 1 or (maximum is not None and value > maximum):
-        bound = f"1..{maximum}" if maximum else "a positive integer"
+        bound = f"1..{maximum}{f' ({bounded_by})' if bounded_by else ''}" if maximum else "a positive integer"
         raise ValueError(f"{name}={text!r} is invalid; valid: {bound}")
     return value
+
+
+def _n_positions(model: str) -> int:
+    """The model's positions, without loading it: from the model table, or a
+    local directory's config.json (checked to exist by then)."""
+    if model in models.HUB_MODELS:
+        return models.HUB_MODELS[model].n_positions
+    if model == models.TINY:
+        return models.TINY_SHAPE["n_positions"]
+    try:
+        return int(json.loads((Path(model) / "config.json").read_text())["n_positions"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"model={model}: config.json has no readable n_positions ({err})") from None
 
 
 def _choice(name: str, value: str, valid) -> str:
@@ -158,14 +174,11 @@ def parse_config(raw: dict[str, str]) -> BuildConfig:
         raise ValueError(f"targets={values['targets']!r} names no target; valid: {', '.join(TARGETS)}")
     for target in targets:
         _choice("targets", target, TARGETS)
-    prompt_len = _positive_int("prompt_len", values["prompt_len"], MAX_SEQ_LEN)
-    seq_len = _positive_int("seq_len", values["seq_len"], MAX_SEQ_LEN)
-    if prompt_len > seq_len:
-        raise ValueError(f"prompt_len={prompt_len} is longer than seq_len={seq_len}; valid: prompt_len <= seq_len")
-    if model in models.HUB_MODELS and seq_len > models.HUB_MODELS[model].n_positions:
-        raise ValueError(f"seq_len={seq_len} exceeds {model}'s {models.HUB_MODELS[model].n_positions} positions")
-    if model == models.TINY and seq_len > models.TINY_SHAPE["n_positions"]:
-        raise ValueError(f"seq_len={seq_len} exceeds tiny's {models.TINY_SHAPE['n_positions']} positions")
+    positions = _n_positions(model)
+    limit = f"{Path(model).name}'s n_positions"
+    context = _positive_int("context", values["context"] or str(positions), positions, limit)
+    prompt_len = _positive_int("prompt_len", values["prompt_len"], context, f"context={context}")
+    seq_len = _positive_int("seq_len", values["seq_len"], positions, limit)
     toolchain = _choice("toolchain", values["toolchain"], TOOLCHAINS)
     iree_repo = iree_ref = None
     if toolchain == "source":
@@ -181,6 +194,7 @@ def parse_config(raw: dict[str, str]) -> BuildConfig:
         targets=tuple(dict.fromkeys(targets)),
         batch=_positive_int("batch", values["batch"]),
         prompt_len=prompt_len,
+        context=context,
         seq_len=seq_len,
         optimizer=_choice("optimizer", values["optimizer"], OPTIMIZERS),
         hf_endpoint=values["hf_endpoint"] or None,

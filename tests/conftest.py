@@ -27,7 +27,7 @@ def tiny_build(tmp_path_factory):
     model_dir, build_dir = root / "assets", root / "build"
     models.write_tiny_model(model_dir)
     export.build(build_dir, "tiny", model_dir, "pretrained", None,
-                 {"batch": 1, "prompt_len": 8, "seq_len": 64}, "adafactor")
+                 {"batch": 1, "prompt_len": 64, "context": 128, "seq_len": 128}, "adafactor")
     for name in ("cpu", "metal"):
         compiler.compile_target(toolchain.iree_compile(), build_dir, get_target(name))
     return build_dir
@@ -67,3 +67,17 @@ def tiny_vulkan_build(tiny_build, vulkan):
 
     compiler.compile_target(toolchain.iree_compile(), tiny_build, get_target("vulkan"))
     return tiny_build
+
+
+@pytest.fixture(scope="session")
+def tiny_batch_build(tmp_path_factory):
+    """The tiny model built for batch=2 (cpu modules only)."""
+    from gpt2_iree import compiler, export, models, toolchain
+    from gpt2_iree.targets import get_target
+
+    root = tmp_path_factory.mktemp("tiny-batch")
+    models.write_tiny_model(root / "assets")
+    export.build(root / "build", "tiny", root / "assets", "pretrained", None,
+                 {"batch": 2, "prompt_len": 64, "context": 128, "seq_len": 128}, "adafactor")
+    compiler.compile_target(toolchain.iree_compile(), root / "build", get_target("cpu"))
+    return root / "build"

@@ -21,7 +21,7 @@ def gpt2_build(tmp_path_factory):
     built = subprocess.run([sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py"), "-d", str(work),
                             "model=gpt2", "targets=cpu"], capture_output=True, text=True)
     assert built.returncode == 0, built.stdout + built.stderr
-    return work / "build/gpt2/pretrained-b1-k8-s64-adafactor"
+    return work / "build/gpt2/pretrained-b1-k64-c1024-s128-adafactor"
 
 
 @pytest.mark.network

@@ -14,6 +14,8 @@ from fake_hub import FakeHub, serve
 from gpt2_iree import download, models
 
 GPT2 = models.HUB_MODELS["gpt2"]
+# The stand-in has tiny's 128 positions, not GPT-2's 1024: the context says so.
+GPT2_AS_TINY = ("model=gpt2", "targets=cpu", "context=128")
 ASSETS = Path("assets/gpt2")
 
 
@@ -39,18 +41,18 @@ def in_workdir(workdir, monkeypatch):
 
 
 def test_downloads_the_pinned_revision_and_builds_through_it(hub):
-    code, results, errors = doit("model=gpt2", "targets=cpu", f"hf_endpoint={hub.url}")
+    code, results, errors = doit(*GPT2_AS_TINY, f"hf_endpoint={hub.url}")
     assert code == 0, errors
     assert ran(results) == {"assets", "toolchain", "export", "compile:cpu", "verify:cpu"}
     lock = json.loads((ASSETS / "assets.lock.json").read_text())
     assert (lock["repo_id"], lock["revision"]) == (GPT2.repo_id, GPT2.revision)
     assert sorted(lock["files"]) == sorted(models.MODEL_FILES)
-    assert json.loads(Path("build/gpt2/pretrained-b1-k8-s64-adafactor/verify-cpu.json").read_text())["passed"]
+    assert json.loads(Path("build/gpt2/pretrained-b1-k64-c128-s128-adafactor/verify-cpu.json").read_text())["passed"]
 
 
 def test_second_run_asks_the_hub_nothing(hub):
     before = len(hub.requests)
-    code, results, _ = doit("model=gpt2", "targets=cpu", f"hf_endpoint={hub.url}")
+    code, results, _ = doit(*GPT2_AS_TINY, f"hf_endpoint={hub.url}")
     assert code == 0 and ran(results) == set()
     assert len(hub.requests) == before
 
@@ -58,7 +60,7 @@ def test_second_run_asks_the_hub_nothing(hub):
 def test_a_deleted_file_is_fetched_again_alone(hub):
     (ASSETS / "tokenizer.json").unlink()
     before = len(hub.requests)
-    code, results, _ = doit("model=gpt2", "targets=cpu", f"hf_endpoint={hub.url}")
+    code, results, _ = doit(*GPT2_AS_TINY, f"hf_endpoint={hub.url}")
     assert code == 0
     assert ran(results) == {"assets"}  # the same bytes again: nothing downstream changes
     fetched = [path for path, _ in hub.requests[before:] if "/resolve/" in path]
@@ -69,7 +71,7 @@ def test_a_missing_file_fails_the_stage_with_the_url(hub):
     (ASSETS / "config.json").unlink()
     hub.not_found.add("config.json")
     try:
-        code, results, errors = doit("model=gpt2", "targets=cpu", f"hf_endpoint={hub.url}")
+        code, results, errors = doit(*GPT2_AS_TINY, f"hf_endpoint={hub.url}")
     finally:
         hub.not_found.discard("config.json")
     assert code != 0 and results["assets"] == "fail"

@@ -7,9 +7,10 @@ import pytest
 
 from gpt2_iree import bench
 
-PAIRS = ("prefill_ms", "decode_ms_per_token", "decode_float32_ms_per_token", "finetune_s_per_step")
-KEYS = {*PAIRS, "tokens_per_s", "generation_weights", "bandwidth_gbs", "decode_floor_ms", "decode_float32_floor_ms",
-        "model", "config", "device", "repeats"}
+PAIRS = ("prefill_ms", "long_prefill_ms", "decode_ms_per_token", "decode_late_ms_per_token",
+         "decode_float32_ms_per_token", "finetune_s_per_step")
+KEYS = {*PAIRS, "decode_sampled_ms_per_token", "tokens_per_s", "generation_weights", "bandwidth_gbs",
+        "decode_floor_ms", "decode_late_floor_ms", "decode_float32_floor_ms", "model", "config", "device", "repeats"}
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def test_result_has_every_metric(run, tiny_build):
     assert set(result) == KEYS
     for key in PAIRS:
         pair = result[key]
-        assert set(pair) == {"iree", "jax", "ratio"}
+        assert set(pair) - {"tokens", "position"} == {"iree", "jax", "ratio"}
         assert pair["iree"] > 0 and pair["jax"] > 0
         assert pair["ratio"] == pytest.approx(pair["iree"] / pair["jax"])
     batch = result["config"]["batch"]
@@ -44,7 +45,12 @@ def test_result_has_every_metric(run, tiny_build):
     assert result["decode_floor_ms"] == pytest.approx(result["decode_float32_floor_ms"] / 2)
     assert result["decode_float32_ms_per_token"]["jax"] == result["decode_ms_per_token"]["jax"]
     assert result["model"] == "tiny"
-    assert result["config"]["seq_len"] == 64 and result["config"]["optimizer"] == "adafactor"
+    assert result["config"]["seq_len"] == 128 and result["config"]["optimizer"] == "adafactor"
+    # The long prompt fills tiny's context of 128 at most; the late steps run near its end.
+    assert result["long_prefill_ms"]["tokens"] == 128
+    assert 64 <= result["decode_late_ms_per_token"]["position"] <= 128 - 32
+    assert result["decode_late_floor_ms"] > result["decode_floor_ms"]
+    assert result["decode_sampled_ms_per_token"]["iree"] > 0
     assert result["config"]["n_layer"] == manifest["config"]["n_layer"]
     assert result["device"] == "local-task" and result["repeats"] == 2
     json.dumps(result)  # JSON-able as it is
@@ -54,8 +60,8 @@ def test_result_has_every_metric(run, tiny_build):
 
 def test_format_table_mentions_every_metric(result):
     table = bench.format_table(result)
-    for word in ("prefill", "decode", "finetune", "tokens/s", "IREE", "JAX", "IREE/JAX", "bandwidth", "floor",
-                 "float16", "float32 module"):
+    for word in ("prefill", "long prefill", "time to first token", "decode", "late", "sampled", "finetune",
+                 "tokens/s", "IREE", "JAX", "IREE/JAX", "bandwidth", "floor", "float16", "float32 module"):
         assert word in table, word
     assert f"{result['prefill_ms']['ratio']:.2f}x" in table
 

@@ -8,13 +8,15 @@ from tasks.config import BuildConfig, parse_config
 def test_defaults():
     cfg = parse_config({})
     assert (cfg.model, cfg.weights, cfg.targets) == ("gpt2", "pretrained", ("metal", "ios", "cpu"))
-    assert (cfg.batch, cfg.prompt_len, cfg.seq_len, cfg.optimizer) == (1, 8, 64, "adafactor")
-    assert str(cfg.build_dir) == "build/gpt2/pretrained-b1-k8-s64-adafactor"
+    assert (cfg.batch, cfg.prompt_len, cfg.context, cfg.seq_len, cfg.optimizer) == (1, 64, 1024, 128, "adafactor")
+    assert str(cfg.build_dir) == "build/gpt2/pretrained-b1-k64-c1024-s128-adafactor"
+    # The context defaults to the model's positions.
+    assert parse_config({"model": "tiny"}).context == 128
 
 
 def test_every_setting_keys_the_build_dir():
     base = parse_config({"model": "tiny"})
-    for var, value in [("weights", "random"), ("batch", "2"), ("prompt_len", "4"),
+    for var, value in [("weights", "random"), ("batch", "2"), ("prompt_len", "4"), ("context", "64"),
                        ("seq_len", "32"), ("optimizer", "sgd")]:
         assert parse_config({"model": "tiny", var: value}).build_dir != base.build_dir, var
     assert parse_config({"model": "tiny", "targets": "cpu"}).build_dir == base.build_dir
@@ -28,8 +30,10 @@ def test_every_setting_keys_the_build_dir():
     ("optimizer", "adam", "optimizer='adam'", "adafactor, sgd, adamw"),
     ("batch", "0", "batch='0'", "positive integer"),
     ("batch", "two", "batch='two'", "positive integer"),
-    ("seq_len", "2048", "seq_len='2048'", "1..1024"),
-    ("prompt_len", "-1", "prompt_len='-1'", "1..1024"),
+    ("seq_len", "2048", "seq_len='2048'", "1..1024 (gpt2's n_positions)"),
+    ("context", "2048", "context='2048'", "1..1024 (gpt2's n_positions)"),
+    ("context", "0", "context='0'", "1..1024"),
+    ("prompt_len", "-1", "prompt_len='-1'", "1..1024 (context=1024)"),
 ])
 def test_bad_values_name_value_and_choices(var, value, named, expected):
     with pytest.raises(ValueError) as err:
@@ -38,14 +42,18 @@ def test_bad_values_name_value_and_choices(var, value, named, expected):
     assert expected in str(err.value)
 
 
-def test_prompt_longer_than_seq_len():
-    with pytest.raises(ValueError, match="prompt_len=16 is longer than seq_len=8"):
-        parse_config({"prompt_len": "16", "seq_len": "8"})
+def test_a_prefill_chunk_longer_than_the_context_is_refused():
+    with pytest.raises(ValueError, match=r"prompt_len='96' is invalid; valid: 1..64 \(context=64\)"):
+        parse_config({"model": "tiny", "prompt_len": "96", "context": "64"})
 
 
-def test_seq_len_beyond_model_positions():
-    with pytest.raises(ValueError, match="tiny's 128 positions"):
-        parse_config({"model": "tiny", "seq_len": "256"})
+def test_context_and_fine_tuning_window_are_bounded_by_the_model_positions():
+    # ... and independent of each other: a long context with a short window.
+    for var in ("context", "seq_len"):
+        with pytest.raises(ValueError, match=rf"{var}='256' is invalid; valid: 1..128 \(tiny's n_positions\)"):
+            parse_config({"model": "tiny", var: "256"})
+    cfg = parse_config({"model": "tiny", "context": "128", "seq_len": "16"})
+    assert (cfg.context, cfg.seq_len) == (128, 16)
 
 
 def test_unknown_var_is_refused():
@@ -56,9 +64,14 @@ def test_unknown_var_is_refused():
 def test_local_model_directory(tmp_path):
     with pytest.raises(ValueError, match="lacks config.json, model.safetensors, tokenizer.json"):
         parse_config({"model": str(tmp_path)})
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+    for name in ("model.safetensors", "tokenizer.json"):
         (tmp_path / name).write_text("{}")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="config.json has no readable n_positions"):
+        parse_config({"model": str(tmp_path)})
+    (tmp_path / "config.json").write_text('{"n_positions": 256}')
     cfg = parse_config({"model": str(tmp_path)})
+    assert cfg.context == 256
     assert cfg.is_local_dir and cfg.model_dir == tmp_path.resolve()
     assert cfg.model_key.startswith(f"local-{tmp_path.name}-")
     # The lock of a user's directory lives in build/, never in their directory.

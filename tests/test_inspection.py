@@ -8,7 +8,8 @@ import pytest
 from gpt2_iree import inspection
 from gpt2_iree.errors import Gpt2IreeError
 
-FUNCTIONS = ["encode", "decode", "finetune", "get_params", "set_params", "get_state"]
+# tiny's defaults: a context of 128 in chunks of 64, so decode windows of 64 and 128.
+FUNCTIONS = ["prefill", "decode_64", "decode_128", "seed", "finetune", "get_params", "set_params", "get_state"]
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +25,12 @@ def metal(tiny_build):
 def test_cpu_functions_and_signatures(cpu, tiny_build):
     assert [f["name"] for f in cpu["functions"]] == FUNCTIONS
     sig = {f["name"]: f["signature"] for f in cpu["functions"]}
-    assert sig["encode"] == "encode(tensor<1x8xi32>, tensor<1xi32>) -> tensor<1x1xi32>"
-    assert sig["decode"] == "decode() -> tensor<1x1xi32>"
-    assert sig["finetune"] == "finetune(tensor<1x64xi32>, tensor<1x64xi32>, tensor<1xi32>, tensor<f32>) -> tensor<f32>"
+    sampling = "tensor<1xf32>, tensor<1xi32>, tensor<1xf32>"
+    assert sig["prefill"] == f"prefill(tensor<1x64xi32>, tensor<1xi32>, tensor<1xi32>, {sampling}) -> tensor<1x1xi32>"
+    assert sig["decode_64"] == f"decode_64(tensor<1xi32>, {sampling}) -> tensor<1x1xi32>"
+    assert sig["seed"] == "seed(tensor<1xi32>, tensor<1xi32>) -> ()"
+    assert sig["finetune"] == ("finetune(tensor<1x128xi32>, tensor<1x128xi32>, tensor<1xi32>, tensor<f32>) "
+                               "-> tensor<f32>")
     assert sig["get_params"].count("tensor<") == len(json.loads((tiny_build / "manifest.json").read_text())["params"])
     assert cpu["size_bytes"] == (tiny_build / "gpt2-cpu.vmfb").stat().st_size
 
@@ -40,20 +44,20 @@ def test_dispatch_and_kernel_counts(cpu, metal):
     for info in (cpu, metal):
         assert info["dispatches"] >= info["kernels"] >= 1
         per_function = {f["name"]: f["dispatches"] for f in info["functions"]}
-        assert per_function["encode"] >= 1 and per_function["decode"] >= 1
-        assert per_function["finetune"] > per_function["decode"]  # forward + backward + optimizer
+        assert per_function["prefill"] >= 1 and per_function["decode_64"] >= 1
+        assert per_function["finetune"] > per_function["decode_64"]  # forward + backward + optimizer
         assert sum(per_function.values()) <= info["dispatches"]
 
 
 def test_the_generation_module_records_command_buffers_at_load(tiny_build):
     info = inspection.inspect_vmfb(tiny_build / "gpt2-generate-cpu.vmfb")
-    assert [f["name"] for f in info["functions"]] == ["encode", "decode", "get_state"]
+    assert [f["name"] for f in info["functions"]] == ["prefill", "decode_64", "decode_128", "seed", "get_state"]
     per_function = {f["name"]: f["dispatches"] for f in info["functions"]}
-    assert per_function["decode"] >= 1
-    # The float16 copies are made at load, and encode's launches (about as many
-    # as decode's) recorded there.
+    assert per_function["decode_64"] >= 1
+    # The float16 copies are made at load: a launch at least per weight.
     assert info["dispatches_at_load"] == info["dispatches"] - sum(per_function.values())
-    assert info["dispatches_at_load"] > 1.5 * per_function["decode"]
+    manifest = json.loads((tiny_build / "manifest.json").read_text())
+    assert info["dispatches_at_load"] >= len(manifest["params"])
     assert f"{info['dispatches_at_load']} of the sites run at load" in inspection.format_vmfb(info)
 
 
@@ -79,7 +83,7 @@ def test_formats_are_readable(cpu, tiny_build):
     text = inspection.format_vmfb(cpu)
     for name in FUNCTIONS:
         assert name in text
-    assert "encode(tensor<1x8xi32>, tensor<1xi32>) -> tensor<1x1xi32>" in text
+    assert "decode_128(tensor<1xi32>, tensor<1xf32>, tensor<1xi32>, tensor<1xf32>) -> tensor<1x1xi32>" in text
     assert str(cpu["dispatches"]) in text and str(cpu["kernels"]) in text
     text = inspection.format_irpa(inspection.inspect_irpa(tiny_build / "gpt2.irpa"))
     assert "wte" in text and "h.0.mlp.in_w" in text

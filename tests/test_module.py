@@ -75,12 +75,20 @@ def test_software_vulkan_is_never_the_default(tiny_vulkan_build):
 def test_every_entry_point_agrees_on_vulkan_and_the_cpu(tiny_vulkan_build):
     # Arguments, results and weights cross to the device without importing
     # numpy's memory, which lavapipe refuses unless it is 4096-byte aligned.
+    from gpt2_iree.generation import Rows
+    from gpt2_iree.sampling import Sampling
+
     cpu, gpu = Module(tiny_vulkan_build, device="local-task"), Module(tiny_vulkan_build, device="vulkan")
-    prompt, lengths = np.array([[72, 101, 108, 108, 111, 32, 32, 32]], np.int32), np.array([5], np.int32)
-    assert gpu.encode(prompt, lengths).tolist() == cpu.encode(prompt, lengths).tolist()
-    assert [gpu.decode().tolist() for _ in range(3)] == [cpu.decode().tolist() for _ in range(3)]
-    text = np.arange(64, dtype=np.int32)[None] % 200
-    target, text_lengths = np.roll(text, -1, axis=1), np.array([63], np.int32)
+    prompt, sampled = [72, 101, 108, 108, 111] * 20, Sampling(0.9, 20, 0.95, seed=5)
+
+    def tokens(module):
+        rows = Rows(module)
+        rows.start(0, sampled)
+        return [rows.feed({0: prompt})[0]] + [rows.step({0})[0] for _ in range(40)]  # across a context shift
+
+    assert tokens(gpu) == tokens(cpu)
+    text = np.arange(128, dtype=np.int32)[None] % 200
+    target, text_lengths = np.roll(text, -1, axis=1), np.array([127], np.int32)
     losses = [(m.finetune(text, target, text_lengths, 0.1), m.finetune(text, target, text_lengths, 0.1))
               for m in (cpu, gpu)]
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
@@ -91,4 +99,4 @@ def test_every_entry_point_agrees_on_vulkan_and_the_cpu(tiny_vulkan_build):
     # The generation module, opened on those weights from memory.
     generator = Module(tiny_vulkan_build, device="vulkan", generation=True, weights=tuned)
     reference = Module(tiny_vulkan_build, device="local-task", generation=True, weights=tuned)
-    assert generator.encode(prompt, lengths).tolist() == reference.encode(prompt, lengths).tolist()
+    assert tokens(generator) == tokens(reference)

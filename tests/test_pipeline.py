@@ -18,7 +18,7 @@ from tasks.config import LIBRARY
 # With Vulkan (CI installs Mesa's lavapipe), vulkan runs with parity, and so do
 # the Metal build's kernels, compiled for Vulkan by verify:metal.
 TINY = ["model=tiny", "targets=cpu,metal,vulkan"]
-BUILD = Path("build/tiny/pretrained-b1-k8-s64-adafactor")
+BUILD = Path("build/tiny/pretrained-b1-k64-c128-s128-adafactor")
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_a_new_shape_rebuilds_downstream_of_assets_only():
     code, results, _ = doit("model=tiny", "targets=cpu", "seq_len=32")
     assert code == 0
     assert ran(results) == {"export", "compile:cpu", "verify:cpu"}
-    assert Path("build/tiny/pretrained-b1-k8-s32-adafactor/verify-cpu.json").is_file()
+    assert Path("build/tiny/pretrained-b1-k64-c128-s32-adafactor/verify-cpu.json").is_file()
     # Switching back finds the old outputs still up to date.
     code, results, _ = doit(*TINY)
     assert ran(results) == set(), results

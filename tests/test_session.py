@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from gpt2_iree import archive
+from gpt2_iree.sampling import Sampling
 from gpt2_iree.session import Session
 
 SENTENCE = "The quick brown fox jumps over the lazy dog."
@@ -16,25 +17,86 @@ def test_generate_streams_until_max_new_tokens(tiny_build):
     assert len(pieces) == 5 and all(isinstance(p, str) for p in pieces)
 
 
-def test_generate_stops_when_the_cache_is_full(tiny_build):
+def test_generation_never_dead_ends_when_the_context_is_full(tiny_build):
+    # 100 prompt tokens and 100 new ones in a context of 128: the session keeps
+    # the most recent half of the tokens and goes on (a context shift).
     session = Session(tiny_build)
-    # A 2-token prompt leaves seq_len - 2 cache slots, plus the token encode predicts.
-    assert len(list(session.generate("Hi", max_new_tokens=1000))) == session.seq_len - 1
+    assert session.context == 128
+    assert len(list(session.generate_ids([72] * 100, max_new_tokens=100))) == 100
 
 
-@pytest.mark.parametrize("prompt, message", [
-    ("", "the prompt is empty"),
-    ("a prompt of many bytes", "the prompt is 22 tokens; this module takes at most 8"),
-])
-def test_bad_prompts_are_refused(tiny_build, prompt, message):
-    with pytest.raises(ValueError, match=message):
-        list(Session(tiny_build).generate(prompt))
+def test_a_prompt_longer_than_the_context_is_generated_from_its_end(tiny_build):
+    session = Session(tiny_build)
+    long = list(session.generate_ids([65] * 136 + [66] * 64, max_new_tokens=8))
+    assert long == list(session.generate_ids([66] * 64, max_new_tokens=8))
+
+
+def test_an_empty_prompt_starts_from_end_of_text(tiny_build):
+    session = Session(tiny_build)
+    assert session.encode_prompt("") == [session.tokenizer.eot_id]
+    assert list(session.generate_ids([session.tokenizer.eot_id], 6)) == list(session.generate_ids(
+        session.encode_prompt(""), 6))
+
+
+def test_resume_appends_to_the_cache_as_if_the_whole_text_were_one_prompt(tiny_build):
+    session = Session(tiny_build)
+    first, second = session.encode_prompt("Once upon a time"), session.encode_prompt(" there was")
+    completion = list(session.generate_ids(first, 70))  # past a chunk, and the last token left pending
+    resumed = list(session.generate_ids(second, 20, resume=True))
+    assert resumed == list(session.generate_ids(first + completion + second, 20))
+    # reset() forgets it all: the same call now starts over.
+    session.reset()
+    assert list(session.generate_ids(second, 20, resume=True)) == list(session.generate_ids(second, 20))
+
+
+def test_seeded_sampling_repeats_and_top_k_1_is_greedy(tiny_build):
+    session = Session(tiny_build)
+    prompt = session.encode_prompt("Once upon a time")
+    sampled = [list(session.generate_ids(prompt, 24, Sampling(0.9, 20, 0.95, seed))) for seed in (7, 7, 8)]
+    assert sampled[0] == sampled[1] != sampled[2]
+    assert list(session.generate_ids(prompt, 24, Sampling(1.0, top_k=1, seed=3))) == list(
+        session.generate_ids(prompt, 24))
+
+
+def test_the_first_sampled_token_is_distributed_as_softmax_of_logits_over_temperature(tiny_build):
+    from scipy import stats
+
+    from gpt2_iree.generation import Rows
+
+    module = Session(tiny_build).generation_module()
+    # A temperature at which the random tiny model spreads its draws over a few likely tokens.
+    rows, prompt, temperature = Rows(module), [72, 101, 108, 108, 111], 0.08
+    rows.start(0, Sampling())
+    rows.feed({0: prompt})
+    logits = module.get_state()["logits"][0, :module.manifest["config"]["vocab_size"]].astype(np.float64)
+    p = np.exp((logits - logits.max()) / temperature)
+    p /= p.sum()
+    draws = 2000
+    counts = np.zeros_like(p)
+    for seed in range(draws):
+        rows.start(0, Sampling(temperature, seed=seed))
+        counts[rows.feed({0: prompt})[0]] += 1
+    # The five likeliest tokens, and the rest as one bin: a chi-square test at 0.1%.
+    top = np.argsort(p)[::-1][:5]
+    observed = np.append(counts[top], draws - counts[top].sum())
+    expected = np.append(p[top], 1 - p[top].sum()) * draws
+    assert expected.min() >= 5, expected  # the test's own premise: enough draws per bin
+    assert stats.chisquare(observed, expected).pvalue > 1e-3, (observed, expected)
+
+
+def test_stop_strings_end_the_completion_before_them(tiny_build):
+    session = Session(tiny_build)
+    free = "".join(session.generate("Hello", 40))
+    stop = free[10:13]
+    assert "".join(session.generate("Hello", 40, stop=(stop, "never"))) == free[:free.index(stop)]
+    (completion,) = session.complete(["Hello"], 40, stop=(stop,))
+    assert completion.text == free[:free.index(stop)] and completion.stop_reason == "stop"
 
 
 @pytest.mark.parametrize("texts, message", [
     ([], "no text to fine-tune on"),
     (["  "], "text 1 is empty"),
-    (["ok", "x" * 80], r"text 2 is 80 tokens with end-of-text; this module fine-tunes on at most 65"),
+    (["ok", "x" * 160], r"text 2 is 160 tokens with end-of-text; this module fine-tunes on at most 129"),
 ])
 def test_bad_finetune_texts_are_refused(tiny_build, texts, message):
     with pytest.raises(ValueError, match=message):

@@ -30,8 +30,8 @@ from tasks.config import parse_config
 
 STANDIN = Path(__file__).resolve().parent / "iree_standin"
 INSTALL = Path("build/iree/install")
-SOURCE_BUILD = Path("build/tiny/pretrained-b1-k8-s64-adafactor-source")
-WHEEL_BUILD = Path("build/tiny/pretrained-b1-k8-s64-adafactor")
+SOURCE_BUILD = Path("build/tiny/pretrained-b1-k64-c128-s128-adafactor-source")
+WHEEL_BUILD = Path("build/tiny/pretrained-b1-k64-c128-s128-adafactor")
 WHEEL = ["model=tiny", "targets=cpu"]
 PIPELINE = {"toolchain", "export", "compile:cpu", "verify:cpu"}
 
@@ -260,4 +260,4 @@ def test_real_iree_from_the_wheels_release_tag(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, results, errors = doit("toolchain=source", *WHEEL)
     assert code == 0, errors
-    assert json.loads(Path("build/tiny/pretrained-b1-k8-s64-adafactor-source/verify-cpu.json").read_text())["passed"]
+    assert json.loads(Path("build/tiny/pretrained-b1-k64-c128-s128-adafactor-source/verify-cpu.json").read_text())["passed"]

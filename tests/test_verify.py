@@ -11,14 +11,18 @@ from gpt2_iree import verify
 def test_parity_report_on_the_cpu_module(tiny_build, tmp_path, toolchain_json):
     report = verify.verify_build(tiny_build, "cpu", tmp_path / "verify-cpu.json", toolchain_json)
     assert report["kind"] == "parity" and report["passed"] and report["tokens_equal"]
-    assert report["decode_steps"] == verify.DECODE_STEPS
+    assert report["decode_steps"] == verify.DECODE_STEPS == len(report["tokens"])
+    # The prompts end a few steps short of tiny's context of 128, not on a chunk boundary of 64.
+    assert all(n % 64 and 128 - verify.DECODE_STEPS < n < 128 for n in report["prompt_lengths"])
+    sampled = report["sampled"]
+    assert sampled["equal_to_jax"] and sampled["top_k_1_is_greedy"] and sampled["steps"] == verify.SAMPLED_STEPS
     assert len(report["losses"]) == verify.FINETUNE_STEPS
     assert all(e <= verify.TOLERANCE for e in report["relative_errors"].values())
     # The generation module, against JAX on the same float16-rounded weights.
     generation = report["generation"]
     assert generation["kind"] == "parity" and generation["passed"] and generation["weights_dtype"] == "float16"
-    assert set(generation["relative_errors"]) == {"encode_logits", "encode_kv", "decode_logits", "decode_kv"}
-    assert 0 < generation["rounding_cost"]["encode_logits"] < 1e-2
+    assert set(generation["relative_errors"]) == {"prefill_logits", "prefill_kv", "decode_logits", "decode_kv"}
+    assert 0 < generation["rounding_cost"]["prompt_logits"] < 1e-2
     assert json.loads((tmp_path / "verify-cpu.json").read_text()) == report
 
 
@@ -43,7 +47,7 @@ def test_structure_of_a_metal_module_on_a_host_without_vulkan(tiny_build, tmp_pa
     report = verify.verify_build(tiny_build, "metal", tmp_path / "verify-metal.json", toolchain_json)
     assert report["kind"] == "structure" and report["passed"]
     assert report["checks"] == {"executable_format": True, "functions": True, "msl_source": True}
-    assert report["generation"]["passed"] and report["generation"]["exported"][:3] == ["encode", "decode", "get_state"]
+    assert report["generation"]["passed"] and report["generation"]["exported"][:2] == ["prefill", "decode_64"]
 
 
 def test_the_metal_kernels_run_on_vulkan_with_parity(tiny_build, tmp_path, toolchain_json, vulkan):
@@ -58,6 +62,6 @@ def test_the_metal_kernels_run_on_vulkan_with_parity(tiny_build, tmp_path, toolc
 def test_structure_check_names_missing_functions(tiny_build):
     from gpt2_iree.toolchain import runtime_tool
 
-    report = verify.check_structure(tiny_build / "gpt2-metal.vmfb", "metal-msl-fb", ["encode", "beam_search"],
+    report = verify.check_structure(tiny_build / "gpt2-metal.vmfb", "metal-msl-fb", ["prefill", "beam_search"],
                                     runtime_tool("iree-dump-module"))
     assert not report["passed"] and report["missing_functions"] == ["beam_search"]
