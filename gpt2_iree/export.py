@@ -4,7 +4,9 @@ The module `@gpt2` (gpt2.mlir) exports
   encode(prompt[B,K] i32, lengths[B] i32) -> next token[B,1]   fills the KV cache
   decode() -> next token[B,1]                                    extends it one step
   finetune(text[B,S], target[B,S], lengths[B], learning_rate) -> loss
+  eval_loss(text[B,S], target[B,S], lengths[B]) -> loss          changes nothing
   get_params() -> every weight;  set_params(every weight)
+  get_opt_state() -> the optimizer's state;  set_opt_state(that state)
   get_state() -> the last step's logits and the KV cache (for verification)
 and keeps the weights, KV cache and optimizer state in globals between calls.
 
@@ -31,7 +33,8 @@ from gpt2_iree.archive import write_irpa
 from gpt2_iree.files import replace_atomically, sha256_file, write_json, write_text
 
 MODULE_NAME = "gpt2"
-FUNCTIONS = ("encode", "decode", "finetune", "get_params", "set_params", "get_state")
+FUNCTIONS = ("encode", "decode", "finetune", "eval_loss", "get_params", "set_params", "get_opt_state",
+             "set_opt_state", "get_state")
 GENERATE_MODULE_NAME = "gpt2_generate"
 GENERATE_FUNCTIONS = ("encode", "decode", "get_state")
 GENERATE_DTYPE = np.dtype("float16")
@@ -61,10 +64,15 @@ def _generation(cfg: model.GPT2Config, shapes: model.Shapes, weights: str, upcas
     }
 
 
+def _avals(tree):
+    return jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v), v.dtype), tree)
+
+
 def entries(cfg: model.GPT2Config, shapes: model.Shapes, optimizer: str, params) -> list[stateful.Entry]:
     """The entry points of `@gpt2`, in FUNCTIONS order."""
     B, S = shapes.batch, shapes.seq_len
-    param_avals = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in params.items()}
+    opt_state = jax.eval_shape(model.make_optimizer(optimizer).init, params)
+    batch = (_i32(B, S), _i32(B, S), _i32(B))
 
     def finetune(params, opt_state, text, target, lengths, learning_rate):
         params, opt_state, loss = model.train_step(
@@ -74,10 +82,17 @@ def entries(cfg: model.GPT2Config, shapes: model.Shapes, optimizer: str, params)
 
     table = _generation(cfg, shapes, "params", lambda params: params) | {
         "finetune": stateful.Entry("finetune", finetune,
-                                   (_i32(B, S), _i32(B, S), _i32(B), jax.ShapeDtypeStruct((), jnp.float32)),
+                                   (*batch, jax.ShapeDtypeStruct((), jnp.float32)),
                                    reads=("params", "opt"), writes=("params", "opt")),
+        "eval_loss": stateful.Entry("eval_loss", lambda params, *args: ((), model.loss_fn(params, cfg, *args)),
+                                    batch, reads=("params",)),
         "get_params": stateful.Entry("get_params", lambda params: ((), params), reads=("params",)),
-        "set_params": stateful.Entry("set_params", lambda new: ((new,), ()), (param_avals,), writes=("params",)),
+        "set_params": stateful.Entry("set_params", lambda new: ((new,), ()), (_avals(params),), writes=("params",)),
+        # A checkpoint holds the optimizer's state, so that a resumed run takes
+        # the very steps the uninterrupted one would have.
+        "get_opt_state": stateful.Entry("get_opt_state", lambda opt: ((), opt), reads=("opt",)),
+        "set_opt_state": stateful.Entry("set_opt_state", lambda new: ((new,), ()), (opt_state,),
+                                        writes=("opt",)),
     }
     return [table[name] for name in FUNCTIONS]
 
@@ -88,6 +103,13 @@ def initial_state(cfg: model.GPT2Config, shapes: model.Shapes, optimizer: str, p
         "cache": model.empty_cache(cfg, shapes),
         "opt": model.make_optimizer(optimizer).init(params),
     }
+
+
+def opt_state_layout(optimizer: str, params) -> list[list]:
+    """[name, shape, dtype] of each leaf of the optimizer's state, in the order
+    get_opt_state returns them (names as JAX's key paths, e.g. `[0].v_row['wte']`)."""
+    leaves = jax.tree_util.tree_flatten_with_path(jax.eval_shape(model.make_optimizer(optimizer).init, params))[0]
+    return [[jax.tree_util.keystr(path), list(np.shape(leaf)), np.dtype(leaf.dtype).name] for path, leaf in leaves]
 
 
 def export_mlir(cfg: model.GPT2Config, shapes: model.Shapes, optimizer: str, params) -> str:
@@ -150,6 +172,8 @@ def export_build(out_dir: Path, name: str, cfg: model.GPT2Config, params: dict, 
                      "weights_dtype": GENERATE_DTYPE.name},
         # get_params/set_params order: JAX flattens a dict in sorted key order.
         "params": [[k, list(params[k].shape)] for k in sorted(params)],
+        # get_opt_state/set_opt_state order: the optimizer state's leaves, as JAX flattens them.
+        "opt_state": opt_state_layout(optimizer, params),
         "state": sorted(model.empty_cache(cfg, shapes)),
         "irpa_sha256": sha256_file(out_dir / "gpt2.irpa"),
         "tokenizer": "tokenizer.json" if tokenizer else None,
