@@ -103,10 +103,15 @@ class Module:
 
         config = rt.Config(device)
         self._device = config.device
+        try:
+            compiled = rt.VmModule.mmap(config.vm_instance, str(vmfb))
+        except ValueError as err:  # IREE's verifier: a truncated or corrupt module
+            raise BuildError(f"{vmfb} is not a loadable IREE module ({str(err).strip().splitlines()[0]}); "
+                             f"rebuild it with `doit targets={self.target}`") from None
         self._modules = [
             rt.create_io_parameters_module(config.vm_instance, index.create_provider(scope=PARAMETER_SCOPE)),
             rt.create_hal_module(config.vm_instance, config.device),
-            rt.VmModule.mmap(config.vm_instance, str(vmfb)),
+            compiled,
         ]
         self._context = rt.SystemContext(vm_modules=self._modules, config=config)
         name = self.manifest["generate"]["module"] if generation else "gpt2"
@@ -119,10 +124,7 @@ class Module:
         """The archive's index, refused if it does not fit the module."""
         if not path.is_file():
             raise BuildError(f"parameter archive {path} does not exist")
-        try:
-            index = device_memory.index_of_archive(path, self.device)
-        except (RuntimeError, ValueError) as err:
-            raise BuildError(f"{path} is not an IREE parameter archive: {err}") from None
+        index = device_memory.index_of_archive(path, self.device)
         self._check_sizes({key: entry.length for key, entry in index.items()}, f"{path} does")
         return index
 
