@@ -71,10 +71,13 @@ def save(directory: Path, module, run: dict) -> Path:
                     "sha256": sha256_file(directory / name)} for kind, name in names.items()}
     write_json(directory / POINTER, {"format": FORMAT, "build": build_identity(module.manifest),
                                      "files": files, "run": run})
-    # Older checkpoints, and the archives of a save killed before its commit.
-    for kind in ARCHIVES:
-        for old in directory.glob(f"{kind}-*.irpa"):
-            if old.name != names[kind]:
+    # Older checkpoints, and what a save killed before its commit left: its
+    # archives, and the temporary files replace_atomically had no time to remove.
+    keep = {*names.values(), POINTER}
+    for pattern in (*(f"{kind}-*.irpa" for kind in ARCHIVES), *(f".{kind}-*.tmp" for kind in ARCHIVES),
+                    f".{POINTER}.*.tmp"):
+        for old in directory.glob(pattern):
+            if old.name not in keep:
                 old.unlink(missing_ok=True)
     return directory / POINTER
 

@@ -142,15 +142,14 @@ class Corpus:
 
 def split(windows: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(training windows, validation windows): `val_fraction` of them, at least
-    one, chosen with `seed`, held out; none if `val_fraction` is 0. At least
-    one window always stays for training."""
+    one, chosen with `seed`, held out; none if `val_fraction` is 0, or if there
+    is a single window (one short text), which can only be trained on."""
     if not 0 <= val_fraction < 1:
         raise CorpusError(f"--val-fraction {val_fraction} is out of range; valid: 0 <= fraction < 1")
-    held = 0 if val_fraction == 0 else max(1, round(val_fraction * windows))
-    if held and held >= windows:
-        raise CorpusError(f"the text fills {windows} window(s) of seq_len + 1 tokens; holding "
-                          f"{held} out for validation leaves none to train on. Give more text, or "
-                          f"--val-fraction 0 to train on all of it")
+    held = 0 if val_fraction == 0 or windows < 2 else max(1, round(val_fraction * windows))
+    if held >= windows > 1:
+        raise CorpusError(f"--val-fraction {val_fraction} holds {held} of the text's {windows} windows out "
+                          f"for validation, leaving none to train on; give a smaller fraction or more text")
     chosen = np.random.default_rng(seed).permutation(windows)
     return np.sort(chosen[held:]), np.sort(chosen[:held])
 
