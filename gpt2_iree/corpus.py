@@ -96,6 +96,8 @@ def read_documents(tokenizer, files: list[Path] = (), texts: list[str] = ()) -> 
                 yield from f
         except UnicodeDecodeError:
             raise CorpusError(f"--text-file {path} is not UTF-8 text") from None
+        except OSError as err:
+            raise CorpusError(f"--text-file {path}: {err.strerror}") from None
 
     documents = [(str(path), lines_of(path)) for path in files]
     documents += [(f"text {i}", text.splitlines(keepends=True)) for i, text in enumerate(texts, 1)]

@@ -78,10 +78,15 @@ def check_output_dir(option: str, path: Path) -> Path:
 
 
 def _check_writable_dir(option: str, path: Path, directory: Path) -> None:
+    """Create and remove a file in `directory`: permissions alone do not tell
+    (root passes every check, and a read-only file system fails none)."""
     if not directory.is_dir():
         raise OutputError(f"{option} {path}: the directory {directory} does not exist")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise OutputError(f"{option} {path}: the directory {directory} is not writable")
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        raise OutputError(f"{option} {path}: cannot write in {directory} ({err.strerror})") from None
 
 
 def sha256_file(path: Path) -> str:

@@ -8,7 +8,8 @@ import pytest
 from gpt2_iree import inspection
 from gpt2_iree.errors import Gpt2IreeError
 
-FUNCTIONS = ["encode", "decode", "finetune", "get_params", "set_params", "get_state"]
+FUNCTIONS = ["encode", "decode", "finetune", "eval_loss", "get_params", "set_params", "get_opt_state",
+             "set_opt_state", "get_state"]
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +28,7 @@ def test_cpu_functions_and_signatures(cpu, tiny_build):
     assert sig["encode"] == "encode(tensor<1x8xi32>, tensor<1xi32>) -> tensor<1x1xi32>"
     assert sig["decode"] == "decode() -> tensor<1x1xi32>"
     assert sig["finetune"] == "finetune(tensor<1x64xi32>, tensor<1x64xi32>, tensor<1xi32>, tensor<f32>) -> tensor<f32>"
+    assert sig["eval_loss"] == "eval_loss(tensor<1x64xi32>, tensor<1x64xi32>, tensor<1xi32>) -> tensor<f32>"
     assert sig["get_params"].count("tensor<") == len(json.loads((tiny_build / "manifest.json").read_text())["params"])
     assert cpu["size_bytes"] == (tiny_build / "gpt2-cpu.vmfb").stat().st_size
 
