@@ -131,8 +131,9 @@ class Run:
         """Take the plan's remaining steps; True if all were taken, False if
         `should_stop` said so after a step (the run is checkpointed then).
 
-        Validates before the first step, every `eval_every` steps and after the
-        last; checkpoints every `save_every` steps and after the last.
+        Validates before the first step and every `eval_every` steps (the
+        caller validates after the last, once it has saved the weights);
+        checkpoints every `save_every` steps and after the last.
         `on_step(step, loss, last validation loss)` follows each step (1-based).
         """
         plan = self.plan
@@ -154,7 +155,6 @@ class Run:
             if should_stop() and self.step < plan.steps:
                 self.save()
                 return False
-        self.validate()
         self.save()
         return True
 
