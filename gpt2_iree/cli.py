@@ -91,7 +91,7 @@ def cmd_finetune(args) -> None:
     prompt = args.prompt or _first_words(session, corpus)
     session.encode_prompt(prompt)
     print(f"corpus: {len(corpus.tokens)} tokens -> {len(corpus)} windows of {session.seq_len + 1} tokens, "
-          f"{len(train)} to train on ({steps_per_epoch} steps an epoch), {len(val)} for validation; "
+          f"{len(train)} to train on ({steps_per_epoch} steps/epoch), {len(val)} for validation; "
           f"{plan.steps} steps" + (f", resuming after step {run.step}" if resumed else ""))
 
     def report_validation(loss: float | None, when: str, write=print) -> None:
@@ -267,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as stop:
         print(f"gpt2-iree {args.command}: {stop}", file=sys.stderr)
         return 128 + stop.signal_number
+    except KeyboardInterrupt:  # Ctrl-C outside a run's steps (loading, generating): nothing to keep
+        print(f"gpt2-iree {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     except (Gpt2IreeError, ValueError, OSError) as err:  # OSError: a path, named in its message
         print(f"gpt2-iree {args.command}: error: {err}", file=sys.stderr)
         return 2
