@@ -11,6 +11,8 @@ import signal
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from gpt2_iree.errors import Gpt2IreeError
 from gpt2_iree.files import check_output_file, check_output_dir, replace_atomically, write_json
 from gpt2_iree.finetuning import Interrupted
@@ -34,8 +36,8 @@ def cmd_generate(args) -> None:
 
 def _first_words(session, corpus) -> str:
     """A prompt for the before/after comparison: the first document's first half, in tokens."""
-    tokens = corpus.tokens.tolist()
-    document = tokens[:tokens.index(session.tokenizer.eot_id)]
+    end = int(np.argmax(corpus.tokens == session.tokenizer.eot_id))  # every document ends in end-of-text
+    document = corpus.tokens[:end].tolist()
     return session.tokenizer.decode(document[: max(1, min(session.prompt_len, len(document) // 2))])
 
 

@@ -161,7 +161,9 @@ def test_a_run_resumed_from_its_checkpoint_takes_the_steps_of_an_uninterrupted_o
     assert got["train_loss"][10:] != got["train_loss"][:10]
 
 
-def test_sigint_after_a_checkpoint_stops_within_seconds_and_the_checkpoint_resumes(tiny_build, notes, tmp_path):
+@pytest.mark.parametrize("sent", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_after_a_checkpoint_stops_within_seconds_and_the_checkpoint_resumes(tiny_build, notes, tmp_path,
+                                                                                   sent):
     checkpoints = tmp_path / "ck"
     run = subprocess.Popen([sys.executable, "-m", "gpt2_iree.cli", "finetune", "--build-dir", str(tiny_build),
                             "--text-file", str(notes), "--steps", "1000000", "--save-every", "50",
@@ -172,12 +174,12 @@ def test_sigint_after_a_checkpoint_stops_within_seconds_and_the_checkpoint_resum
         time.sleep(0.05)
     assert (checkpoints / "checkpoint.json").is_file(), run.communicate()
     signalled = time.monotonic()
-    run.send_signal(signal.SIGINT)
+    run.send_signal(sent)
     out, err = run.communicate(timeout=10)
     assert time.monotonic() - signalled < 10
-    assert run.returncode == 128 + signal.SIGINT, err
+    assert run.returncode == 128 + sent, err
     last = err.strip().splitlines()[-1]
-    assert "interrupted by SIGINT after step" in last and f"saved checkpoint {checkpoints}" in last
+    assert f"interrupted by {sent.name} after step" in last and f"saved checkpoint {checkpoints}" in last
     assert f"--resume {checkpoints}" in last and "Traceback" not in err
     step = json.loads((checkpoints / "checkpoint.json").read_text())["run"]["step"]
     assert f"after step {step} of 1000000" in last
