@@ -218,6 +218,9 @@ def test_what_would_be_lost_is_refused(tiny_build, tmp_path, capsys):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("years of work")
     assert "holds files an export does not write (thesis.tex)" in refused("--export-hf", str(tmp_path / "mine"))
+    for _ in range(2):  # a previous export is written over
+        assert main(["finetune", "--build-dir", str(tiny_build), "--text", SENTENCE, "--steps", "1",
+                     "--export-hf", str(tmp_path / "hf")]) == 0
     assert main(["finetune", "--build-dir", str(tiny_build), "--text", SENTENCE, "--steps", "2",
                  "--checkpoint-dir", str(tmp_path / "ck")]) == 0
     assert f"--checkpoint-dir {tmp_path / 'ck'} holds a checkpoint already" in refused(
