@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gpt2_iree.errors import Gpt2IreeError
 from gpt2_iree.files import replace_atomically
 
 # The scope the module's globals name their parameters in
@@ -13,21 +14,41 @@ from gpt2_iree.files import replace_atomically
 PARAMETER_SCOPE = "model"
 
 
-def write_irpa(params: dict, path: Path) -> None:
-    """Write float32 weights as a parameter archive, atomically."""
+class ArchiveError(Gpt2IreeError):
+    """A file that is not a whole parameter archive (truncated, corrupt, or something else)."""
+
+
+def write_irpa(arrays: dict, path: Path, dtype: np.dtype | None = np.float32) -> None:
+    """Write arrays as a parameter archive, atomically: as `dtype` (weights are
+    float32), or each in its own dtype if `dtype` is None."""
     import iree.runtime as rt
 
     index = rt.ParameterIndex()
-    for name, value in params.items():
-        index.add_buffer(name, np.ascontiguousarray(np.asarray(value, np.float32)))
+    for name, value in arrays.items():
+        index.add_buffer(name, np.ascontiguousarray(np.asarray(value, dtype)))
     replace_atomically(Path(path), lambda tmp: index.create_archive_file(str(tmp)))
 
 
-def read_irpa(path: Path) -> dict[str, np.ndarray]:
-    """The weights of an archive as flat float32 arrays by key."""
+def load_index(path: Path, **options):
+    """The ParameterIndex of the archive at `path` (`options`: ParameterIndex.load's).
+
+    IREE's parser reports a truncated archive as an IndexError, other damage as
+    a ValueError or RuntimeError; each becomes one ArchiveError naming the file.
+    """
     import iree.runtime as rt
 
     index = rt.ParameterIndex()
-    index.load(str(path))
-    return {key: rt.parameter_index_entry_as_numpy_flat_ndarray(entry).view(np.float32).copy()
-            for key, entry in index.items()}
+    try:
+        index.load(str(path), **options)
+    except (IndexError, RuntimeError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ArchiveError(f"{path} is not an IREE parameter archive, or not all of one: {reason}") from None
+    return index
+
+
+def read_irpa(path: Path, dtype: np.dtype = np.float32) -> dict[str, np.ndarray]:
+    """The arrays of an archive, flat, as `dtype` (weights: float32; np.uint8 gives the bytes)."""
+    import iree.runtime as rt
+
+    return {key: rt.parameter_index_entry_as_numpy_flat_ndarray(entry).view(dtype).copy()
+            for key, entry in load_index(path).items()}

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from gpt2_iree.errors import Gpt2IreeError
-from gpt2_iree.files import replace_atomically, write_json
+from gpt2_iree.files import check_output_file, check_output_dir, replace_atomically, write_json
+from gpt2_iree.finetuning import Interrupted
 from gpt2_iree.module import DEFAULT_BUILD_DIR
+from gpt2_iree.schedule import SCHEDULES
 
 
 def _session(args, params: Path | None = None):
@@ -93,64 +98,126 @@ def _interactive(session, prompts: list[str], options: dict) -> None:
         resume = True
 
 
-def _read_texts(args) -> list[str]:
-    if args.text_file:
-        path = Path(args.text_file)
-        if not path.is_file():
-            raise Gpt2IreeError(f"--text-file {path}: no such file")
-        # One text per paragraph (blank-line separated), so a file of examples
-        # trains on each on its own.
-        return [p.strip() for p in path.read_text().split("\n\n") if p.strip()]
-    return [args.text]
+def _first_words(session, corpus) -> str:
+    """A prompt for the before/after comparison: the first document's first half, in tokens."""
+    end = int(np.argmax(corpus.tokens == session.tokenizer.eot_id))  # every document ends in end-of-text
+    document = corpus.tokens[:end].tolist()
+    return session.tokenizer.decode(document[: max(1, min(session.prompt_len, len(document) // 2))])
 
 
-def _first_words(session, text: str) -> str:
-    """A prompt for the before/after comparison: the text's first half, in tokens."""
-    ids = session.tokenizer.encode(text)
-    return session.tokenizer.decode(ids[: max(1, min(session.prompt_len, len(ids) // 2))])
+def _check_finetune_outputs(args) -> None:
+    """Every output path of `finetune`, before any work: none of the run's results is lost to a bad one."""
+    from gpt2_iree import checkpoint, models
+
+    for option, path in (("--out", args.out), ("--plot", args.plot), ("--json", args.json)):
+        if path:
+            check_output_file(option, path)
+    own_archive = (args.build_dir / "gpt2.irpa").resolve()
+    if args.out and args.out.resolve() == own_archive:
+        raise Gpt2IreeError(f"--out {args.out} is the build's own archive, its input; give another file")
+    if args.export_hf:
+        check_output_dir("--export-hf", args.export_hf)
+        # An export writes these three files: a directory holding others is someone else's.
+        others = sorted(p.name for p in args.export_hf.iterdir() if p.name not in models.MODEL_FILES) \
+            if args.export_hf.is_dir() else []
+        if others:
+            raise Gpt2IreeError(f"--export-hf {args.export_hf} holds files an export does not write "
+                                f"({', '.join(others[:3])}{' ...' if len(others) > 3 else ''}); give an empty "
+                                f"or new directory, or a previous export")
+    if args.checkpoint_dir:
+        check_output_dir("--checkpoint-dir", args.checkpoint_dir)
+        resumed_here = args.resume and args.resume.resolve() == args.checkpoint_dir.resolve()
+        if checkpoint.holds_checkpoint(args.checkpoint_dir) and not resumed_here:
+            raise Gpt2IreeError(f"--checkpoint-dir {args.checkpoint_dir} holds a checkpoint already; resume it "
+                                f"with --resume {args.checkpoint_dir}, or give another directory")
 
 
 def cmd_finetune(args) -> None:
     from tqdm import tqdm
 
-    texts = _read_texts(args)
-    session = _session(args, args.params)
-    session.encode_texts(texts)  # refuse bad text before any work
-    prompt = args.prompt or _first_words(session, texts[0])
+    from gpt2_iree import checkpoint, corpus as corpora, finetuning
+    from gpt2_iree.module import read_manifest
+
+    if args.resume and args.params:
+        raise Gpt2IreeError("--resume and --params both give the starting weights; give one")
+    args.checkpoint_dir = args.checkpoint_dir or args.resume  # a resumed run goes on saving where it was
+    _check_finetune_outputs(args)
+    files = corpora.text_files(args.text_file or [])
+    resumed = checkpoint.load(args.resume, read_manifest(args.build_dir)) if args.resume else None
+    session = _session(args, resumed.params if resumed else args.params)
+    corpus = session.corpus(files, [args.text] if args.text else [])
+    train, val = corpora.split(len(corpus), args.val_fraction, args.seed)
+    steps_per_epoch = -(-len(train) // session.batch)
+    plan = finetuning.Plan(steps=args.steps or args.epochs * steps_per_epoch, learning_rate=args.lr,
+                           lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps, eval_every=args.eval_every,
+                           save_every=args.save_every, checkpoint_dir=args.checkpoint_dir, seed=args.seed)
+    run = finetuning.Run(session.module, corpus, train, val, plan)
+    if resumed:
+        run.resume(resumed)
+    prompt = args.prompt or _first_words(session, corpus)
     session.encode_prompt(prompt)
+    print(f"corpus: {len(corpus.tokens)} tokens -> {len(corpus)} windows of {session.seq_len + 1} tokens, "
+          f"{len(train)} to train on ({steps_per_epoch} steps/epoch), {len(val)} for validation; "
+          f"{plan.steps} steps" + (f", resuming after step {run.step}" if resumed else ""))
+
+    def report_validation(loss: float | None, when: str, write=print) -> None:
+        if loss is not None:
+            write(f"validation {when}: loss {loss:.4f}, perplexity {finetuning.perplexity(loss):.2f}")
+
     before = "".join(session.generate(prompt, args.max_new_tokens))
-
-    with tqdm(total=args.steps, desc="finetune", unit="step") as bar:
-        def on_step(step, loss):
-            bar.set_postfix(loss=f"{loss:.4f}")
+    report_validation(run.validate(), f"at step {run.step}")
+    with finetuning.stop_on_signals() as received, \
+            tqdm(total=plan.steps, initial=run.step, desc="finetune", unit="step") as bar:
+        def on_step(step, loss, val_loss):
+            bar.set_postfix(loss=f"{loss:.4f}", **({"val": f"{val_loss:.4f}"} if val_loss is not None else {}))
             bar.update()
+            if run.history.val_loss and run.history.val_loss[-1][0] == step and step < plan.steps:
+                report_validation(val_loss, f"at step {step}", bar.write)
 
-        losses = session.finetune(texts, args.steps, args.lr, on_step)
+        finished = session.train(run, on_step, should_stop=lambda: received() is not None)
+    if not finished:
+        kept = (f"saved checkpoint {plan.checkpoint_dir}; go on with --resume {plan.checkpoint_dir}"
+                if plan.checkpoint_dir else "nothing saved (--checkpoint-dir keeps a run across interruptions)")
+        raise finetuning.Interrupted(f"interrupted by {signal.Signals(received()).name} after step {run.step} of "
+                                     f"{plan.steps}; {kept}", received())
 
-    after = "".join(session.generate(prompt, args.max_new_tokens))
-    print(f"loss: {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps")
-    print(f"before: {prompt}{before}")
-    print(f"after:  {prompt}{after}")
+    # The weights first: nothing that runs after training may lose them.
     if args.out:
         session.save_params(args.out)
         print(f"saved weights: {args.out} (use with --params)")
     if args.export_hf:
         session.export_hf(args.export_hf)
         print(f"saved Hugging Face model: {args.export_hf} (build it with `doit model={args.export_hf}`)")
+    if plan.checkpoint_dir:
+        print(f"saved checkpoint: {plan.checkpoint_dir} (go on with --resume {plan.checkpoint_dir} and more steps)")
+    losses = run.history.train_loss
+    print(f"loss: {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps "
+          f"({run.history.tokens_per_s:.0f} training tokens/s)")
+    report_validation(run.validate(), f"after step {run.step}")
+    after = "".join(session.generate(prompt, args.max_new_tokens))
+    print(f"before: {prompt}{before}")
+    print(f"after:  {prompt}{after}")
+    if args.json:
+        write_json(args.json, run.history.report())
+        print(f"saved losses: {args.json}")
     if args.plot:
-        _plot_losses(losses, Path(args.plot))
-        print(f"saved loss curve: {args.plot}")
+        _plot_losses(run.history, Path(args.plot))
+        print(f"saved loss curves: {args.plot}")
 
 
-def _plot_losses(losses: list[float], path: Path) -> None:
+def _plot_losses(history, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(range(1, len(losses) + 1), losses, marker="o", markersize=3)
+    ax.plot(range(1, len(history.train_loss) + 1), history.train_loss, marker="o", markersize=3, label="train")
+    if history.val_loss:
+        steps, losses = zip(*history.val_loss)
+        ax.plot(steps, losses, marker="s", markersize=4, label="validation")
     ax.set(xlabel="step", ylabel="loss", title="fine-tuning loss", yscale="log")
+    ax.legend()
     ax.grid(True, alpha=0.3)
     try:
         replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
@@ -171,6 +238,9 @@ def cmd_inspect(args) -> None:
 def cmd_bench(args) -> None:
     from gpt2_iree import bench
 
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            check_output_file(option, path)
     result = bench.run_benchmark(args.build_dir, args.device, repeats=args.repeats,
                                  log=lambda line: print(line, file=sys.stderr))
     print(bench.format_table(result))
@@ -184,6 +254,20 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative; valid: 0 or more")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is out of range; valid: 0 <= fraction < 1")
     return value
 
 
@@ -216,15 +300,29 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", parents=[common], help="fine-tune on text in the module, then compare")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", help="one text to fine-tune on")
-    source.add_argument("--text-file", help="a file of texts, one per blank-line-separated paragraph")
-    p.add_argument("--steps", type=_positive_int, default=30)
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    source.add_argument("--text-file", type=Path, action="append",
+                        help="a text file, or a directory of .txt files; repeat for more (each file is a document)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=_positive_int, default=1, help="passes over the training windows (default 1)")
+    length.add_argument("--steps", type=_positive_int, help="optimizer steps (instead of --epochs)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    p.add_argument("--lr-schedule", choices=SCHEDULES, default="constant",
+                   help="after the warm-up: constant, or a linear or cosine decay to 0 (default constant)")
+    p.add_argument("--warmup-steps", type=_count, default=0, help="steps of linear warm-up (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the validation split and each epoch's order (default 0)")
+    p.add_argument("--val-fraction", type=_fraction, default=0.1,
+                   help="windows held out for validation (default 0.1, at least one; 0: none)")
+    p.add_argument("--eval-every", type=_positive_int, help="steps between validations (default: before and after)")
+    p.add_argument("--checkpoint-dir", type=Path, help="save checkpoints here, and on SIGINT/SIGTERM")
+    p.add_argument("--save-every", type=_positive_int, help="steps between checkpoints (default: at the end)")
+    p.add_argument("--resume", type=Path, help="go on from the checkpoint in this directory")
     p.add_argument("--prompt", help="prompt for the before/after completions (default: the text's first half)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=32)
     p.add_argument("--params", type=Path, help="start from these weights (.irpa)")
     p.add_argument("--out", type=Path, help="save the fine-tuned weights as .irpa")
     p.add_argument("--export-hf", type=Path, help="save them as a Hugging Face GPT-2 directory")
-    p.add_argument("--plot", type=Path, help="save the loss curve as PNG")
+    p.add_argument("--plot", type=Path, help="save the loss curves as PNG")
+    p.add_argument("--json", type=Path, help='save {"train_loss", "val_loss", "tokens_per_s"} as JSON')
     p.set_defaults(run=cmd_finetune)
 
     p = sub.add_parser("inspect", help="what a .vmfb or .irpa holds")
@@ -243,7 +341,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         args.run(args)
-    except (Gpt2IreeError, ValueError) as err:
+    except Interrupted as stop:
+        print(f"gpt2-iree {args.command}: {stop}", file=sys.stderr)
+        return 128 + stop.signal_number
+    except KeyboardInterrupt:  # Ctrl-C outside a run's steps (loading, generating): nothing to keep
+        print(f"gpt2-iree {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except (Gpt2IreeError, ValueError, OSError) as err:  # OSError: a path, named in its message
         print(f"gpt2-iree {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

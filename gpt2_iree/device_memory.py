@@ -104,13 +104,13 @@ def index_of_weights(weights: dict[str, np.ndarray]) -> tuple[object, dict[str, 
 
 def index_of_archive(path: Path, driver: str):
     """A ParameterIndex over the archive at `path`, read the way `driver` takes it
-    (ARCHIVE_LOADING). Raises RuntimeError or ValueError if it is no archive."""
+    (ARCHIVE_LOADING). Raises archive.ArchiveError if it is no whole archive."""
     import iree.runtime as rt
 
-    index = rt.ParameterIndex()
+    from gpt2_iree.archive import load_index
+
     if driver in ARCHIVE_LOADING:
-        index.load(str(path), **ARCHIVE_LOADING[driver])
-        return index
-    index.load(str(path), mmap=True)
+        return load_index(path, **ARCHIVE_LOADING[driver])
+    index = load_index(path, mmap=True)
     return index_of_weights({key: rt.parameter_index_entry_as_numpy_flat_ndarray(entry)
                              for key, entry in index.items()})[0]

@@ -9,7 +9,9 @@ top_k[B] i32, top_p[B] f32 (one setting per row; temperature 0 is greedy):
       `Shapes.decode_windows`
   seed(seeds[B] i32, rows[B] i32)            restarts the generator of the rows flagged
   finetune(text[B,S], target[B,S], lengths[B], learning_rate) -> loss
+  eval_loss(text[B,S], target[B,S], lengths[B]) -> loss          changes nothing
   get_params() -> every weight;  set_params(every weight)
+  get_opt_state() -> the optimizer's state;  set_opt_state(that state)
   get_state() -> the last step's logits, the KV cache and the generators (for verification)
 and keeps the weights, KV cache, generators and optimizer state in globals
 between calls.
@@ -52,7 +54,8 @@ def generate_functions(shapes: model.Shapes) -> list[str]:
 
 def functions(shapes: model.Shapes) -> list[str]:
     """The entry points of `@gpt2`, in order."""
-    return [*generate_functions(shapes)[:-1], "finetune", "get_params", "set_params", "get_state"]
+    return [*generate_functions(shapes)[:-1], "finetune", "eval_loss", "get_params", "set_params", "get_opt_state",
+            "set_opt_state", "get_state"]
 
 
 def _i32(*shape):
@@ -112,10 +115,15 @@ def _generation(cfg: model.GPT2Config, shapes: model.Shapes, weights: str, upcas
     return table
 
 
+def _avals(tree):
+    return jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v), v.dtype), tree)
+
+
 def entries(cfg: model.GPT2Config, shapes: model.Shapes, optimizer: str, params) -> list[stateful.Entry]:
     """The entry points of `@gpt2`, in `functions` order."""
     B, S = shapes.batch, shapes.seq_len
-    param_avals = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in params.items()}
+    opt_state = jax.eval_shape(model.make_optimizer(optimizer).init, params)
+    batch = (_i32(B, S), _i32(B, S), _i32(B))
 
     def finetune(params, opt_state, text, target, lengths, learning_rate):
         params, opt_state, loss = model.train_step(
@@ -125,10 +133,17 @@ def entries(cfg: model.GPT2Config, shapes: model.Shapes, optimizer: str, params)
 
     table = _generation(cfg, shapes, "params", lambda params: params) | {
         "finetune": stateful.Entry("finetune", finetune,
-                                   (_i32(B, S), _i32(B, S), _i32(B), jax.ShapeDtypeStruct((), jnp.float32)),
+                                   (*batch, jax.ShapeDtypeStruct((), jnp.float32)),
                                    reads=("params", "opt"), writes=("params", "opt")),
+        "eval_loss": stateful.Entry("eval_loss", lambda params, *args: ((), model.loss_fn(params, cfg, *args)),
+                                    batch, reads=("params",)),
         "get_params": stateful.Entry("get_params", lambda params: ((), params), reads=("params",)),
-        "set_params": stateful.Entry("set_params", lambda new: ((new,), ()), (param_avals,), writes=("params",)),
+        "set_params": stateful.Entry("set_params", lambda new: ((new,), ()), (_avals(params),), writes=("params",)),
+        # A checkpoint holds the optimizer's state, so that a resumed run takes
+        # the very steps the uninterrupted one would have.
+        "get_opt_state": stateful.Entry("get_opt_state", lambda opt: ((), opt), reads=("opt",)),
+        "set_opt_state": stateful.Entry("set_opt_state", lambda new: ((new,), ()), (opt_state,),
+                                        writes=("opt",)),
     }
     return [table[name] for name in functions(shapes)]
 
@@ -139,6 +154,13 @@ def initial_state(cfg: model.GPT2Config, shapes: model.Shapes, optimizer: str, p
         **generation_state(cfg, shapes),
         "opt": model.make_optimizer(optimizer).init(params),
     }
+
+
+def opt_state_layout(optimizer: str, params) -> list[list]:
+    """[name, shape, dtype] of each leaf of the optimizer's state, in the order
+    get_opt_state returns them (names as JAX's key paths, e.g. `[0].v_row['wte']`)."""
+    leaves = jax.tree_util.tree_flatten_with_path(jax.eval_shape(model.make_optimizer(optimizer).init, params))[0]
+    return [[jax.tree_util.keystr(path), list(np.shape(leaf)), np.dtype(leaf.dtype).name] for path, leaf in leaves]
 
 
 def export_mlir(cfg: model.GPT2Config, shapes: model.Shapes, optimizer: str, params) -> str:
@@ -203,6 +225,8 @@ def export_build(out_dir: Path, name: str, cfg: model.GPT2Config, params: dict, 
                      "weights_dtype": GENERATE_DTYPE.name},
         # get_params/set_params order: JAX flattens a dict in sorted key order.
         "params": [[k, list(params[k].shape)] for k in sorted(params)],
+        # get_opt_state/set_opt_state order: the optimizer state's leaves, as JAX flattens them.
+        "opt_state": opt_state_layout(optimizer, params),
         "state": state_names(cfg, shapes),
         "irpa_sha256": sha256_file(out_dir / "gpt2.irpa"),
         "tokenizer": "tokenizer.json" if tokenizer else None,

@@ -142,17 +142,10 @@ def inspect_vmfb(path: Path) -> dict:
 
 def inspect_irpa(path: Path) -> dict:
     """An archive's parameters (key and size in bytes, in archive order) and their total."""
-    import iree.runtime as rt
+    from gpt2_iree.archive import load_index
 
     path = _check_file(path, "an IREE parameter archive (.irpa)")
-    index = rt.ParameterIndex()
-    try:
-        index.load(str(path))
-        items = list(index.items())
-    except (RuntimeError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InspectError(f"{path} is not an IREE parameter archive (.irpa): {reason}") from None
-    parameters = [{"key": key, "bytes": int(entry.length)} for key, entry in items]
+    parameters = [{"key": key, "bytes": int(entry.length)} for key, entry in load_index(path).items()]
     return {"path": str(path), "parameters": parameters,
             "total_bytes": sum(p["bytes"] for p in parameters)}
 

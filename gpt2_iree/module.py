@@ -103,10 +103,15 @@ class Module:
 
         config = rt.Config(device)
         self._device = config.device
+        try:
+            compiled = rt.VmModule.mmap(config.vm_instance, str(vmfb))
+        except ValueError as err:  # IREE's verifier: a truncated or corrupt module
+            raise BuildError(f"{vmfb} is not a loadable IREE module ({str(err).strip().splitlines()[0]}); "
+                             f"rebuild it with `doit targets={self.target}`") from None
         self._modules = [
             rt.create_io_parameters_module(config.vm_instance, index.create_provider(scope=PARAMETER_SCOPE)),
             rt.create_hal_module(config.vm_instance, config.device),
-            rt.VmModule.mmap(config.vm_instance, str(vmfb)),
+            compiled,
         ]
         self._context = rt.SystemContext(vm_modules=self._modules, config=config)
         name = self.manifest["generate"]["module"] if generation else "gpt2"
@@ -119,10 +124,7 @@ class Module:
         """The archive's index, refused if it does not fit the module."""
         if not path.is_file():
             raise BuildError(f"parameter archive {path} does not exist")
-        try:
-            index = device_memory.index_of_archive(path, self.device)
-        except (RuntimeError, ValueError) as err:
-            raise BuildError(f"{path} is not an IREE parameter archive: {err}") from None
+        index = device_memory.index_of_archive(path, self.device)
         self._check_sizes({key: entry.length for key, entry in index.items()}, f"{path} does")
         return index
 
@@ -174,6 +176,12 @@ class Module:
                                                    lengths.astype(np.int32), np.float32(learning_rate)))
         return float(self._host(loss))
 
+    def eval_loss(self, text: np.ndarray, target: np.ndarray, lengths: np.ndarray) -> float:
+        """The loss of a batch on the current weights; nothing in the module changes."""
+        loss = self.functions.eval_loss(*self._args(text.astype(np.int32), target.astype(np.int32),
+                                                    lengths.astype(np.int32)))
+        return float(self._host(loss))
+
     def archive_weights(self) -> dict[str, np.ndarray]:
         """The weights the module was opened with (its archive's, or those given),
         float32 and shaped as the module holds them: what a reference runs on."""
@@ -192,6 +200,17 @@ class Module:
     def set_params(self, params: dict[str, np.ndarray]) -> None:
         self.functions.set_params(*self._args(*[np.asarray(params[name], np.float32)
                                                 for name, _ in self.manifest["params"]]))
+
+    def get_opt_state(self) -> dict[str, np.ndarray]:
+        """The optimizer's state by leaf name (manifest "opt_state"); empty for SGD."""
+        values = self.functions.get_opt_state()
+        values = values if isinstance(values, tuple) else () if values is None else (values,)
+        return {name: self._host(v) for (name, _, _), v in zip(self.manifest["opt_state"], values, strict=True)}
+
+    def set_opt_state(self, state: dict[str, np.ndarray]) -> None:
+        """Replace the optimizer's state with `state` (as `get_opt_state` returns it)."""
+        self.functions.set_opt_state(*self._args(*[np.asarray(state[name], dtype).reshape(shape)
+                                                   for name, shape, dtype in self.manifest["opt_state"]]))
 
     def get_state(self) -> dict[str, np.ndarray]:
         values = self.functions.get_state()

@@ -8,11 +8,11 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from gpt2_iree.corpus import Corpus, read_documents
+from gpt2_iree.finetuning import Plan, Run
 from gpt2_iree.generation import Rows
 from gpt2_iree.module import DEFAULT_BUILD_DIR, BuildError, Module, has_generation_module
 from gpt2_iree.sampling import GREEDY, Sampling
-
-STOP_REASONS = ("eot", "stop", "length")
 
 
 @dataclasses.dataclass
@@ -194,47 +194,28 @@ class Session:
                                      weights=module.get_params() if self._tuned else None, target=module.target)
         return self._generator or module
 
-    def encode_texts(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of fine-tuning texts, each ending in end-of-text so the
-        model also learns where a text stops. A text longer than the module's
-        `seq_len` is refused, not cut: silently losing its end would train on
-        something other than what was given."""
-        if not texts:
-            raise ValueError("no text to fine-tune on")
-        encoded = []
-        for i, text in enumerate(texts, 1):
-            if not text.strip():
-                raise ValueError(f"text {i} is empty")
-            ids = self.tokenizer.encode(text) + [self.tokenizer.eot_id]
-            if len(ids) - 1 > self.seq_len:
-                raise ValueError(f"text {i} is {len(ids) - 1} tokens with end-of-text; this module fine-tunes on "
-                                 f"at most {self.seq_len + 1} (seq_len={self.seq_len}). Split it, or rebuild "
-                                 f"with `doit seq_len=...`")
-            encoded.append(ids)
-        return encoded
+    def corpus(self, files: list[Path] = (), texts: list[str] = ()) -> Corpus:
+        """`files` and `texts`, tokenized and packed into windows of this module's
+        seq_len + 1 tokens (see corpus.py): any length, nothing cut."""
+        return Corpus(read_documents(self.tokenizer, files, texts), self.seq_len)
+
+    def train(self, run: Run, on_step=None, should_stop=lambda: False) -> bool:
+        """`run.train` (a finetuning.Run on this session's module); generation
+        follows the weights it leaves, finished or stopped."""
+        try:
+            return run.train(on_step, should_stop)
+        finally:
+            self._generator, self._tuned = None, True  # its weights are the old ones now
 
     def finetune(self, texts: list[str], steps: int = 30, learning_rate: float = 1e-3,
                  on_step: Callable[[int, float], None] | None = None) -> list[float]:
-        """`steps` optimizer steps over `texts` (cycled into batches); the loss of each step."""
-        if steps < 1:
-            raise ValueError(f"steps={steps}; give at least 1")
-        if not learning_rate > 0:
-            raise ValueError(f"learning rate {learning_rate} must be positive")
-        encoded = self.encode_texts(texts)
-        losses = []
-        for step in range(steps):
-            rows = [encoded[(step * self.batch + r) % len(encoded)] for r in range(self.batch)]
-            text = np.zeros((self.batch, self.seq_len), np.int32)
-            target = np.zeros((self.batch, self.seq_len), np.int32)
-            lengths = np.array([len(ids) - 1 for ids in rows], np.int32)
-            for r, ids in enumerate(rows):
-                text[r, : len(ids) - 1] = ids[:-1]
-                target[r, : len(ids) - 1] = ids[1:]
-            losses.append(self.module.finetune(text, target, lengths, learning_rate))
-            self._generator, self._tuned = None, True  # its weights are the old ones now
-            if on_step:
-                on_step(step, losses[-1])
-        return losses
+        """`steps` optimizer steps on `texts`, packed, every window trained on
+        (no validation split); the loss of each step."""
+        corpus = self.corpus(texts=texts)
+        run = Run(self.module, corpus, np.arange(len(corpus)), np.array([], np.int64),
+                  Plan(steps=steps, learning_rate=learning_rate))
+        self.train(run, on_step and (lambda step, loss, _: on_step(step - 1, loss)))
+        return run.history.train_loss
 
     def save_params(self, path: Path) -> None:
         """Write the module's current weights as a `.irpa` (atomically)."""

@@ -185,7 +185,8 @@ def _wrapper(entry: Entry, globals_: dict, in_avals: list, result_leaves: list, 
     out_types = [tensor_type(leaf) for _, leaf in writes] + [tensor_type(r) for r in result_leaves]
     n_out = len(out_types)
     call = f"func.call @{entry.name}$main({', '.join(operands)}) : ({in_types}) -> ({', '.join(out_types)})"
-    out.append(f"    %r:{n_out} = {call}" if n_out > 1 else f"    %r = {call}")
+    # No result at all: an entry over an empty group (SGD's optimizer state).
+    out.append(f"    %r:{n_out} = {call}" if n_out > 1 else f"    %r = {call}" if n_out else f"    {call}")
     ref = (lambda i: f"%r#{i}") if n_out > 1 else (lambda i: "%r")
     for i, (name, leaf) in enumerate(writes):
         out.append(f"    util.global.store {ref(i)}, @{name} : {tensor_type(leaf)}")

@@ -2,8 +2,11 @@
 
 For a target this host executes, every entry point is compared with the same
 JAX functions the module was lowered from: greedy tokens must be equal, and
-logits, KV cache, losses and fine-tuned weights within TOLERANCE relative
-(norm of the difference over norm of the reference). The generation module is
+logits, KV cache, losses, fine-tuned weights, the optimizer's state and
+`eval_loss` within TOLERANCE relative (norm of the difference over norm of the
+reference); and a step from weights and optimizer state written back with
+set_params/set_opt_state must repeat the step taken straight on, as a resumed
+checkpoint does. The generation module is
 compared with JAX on the same float16-rounded weights, to the same tolerance;
 what the rounding itself costs is reported beside. For a target this host
 cannot run, the artifacts are checked structurally instead.
@@ -197,10 +200,18 @@ def check_parity(module, seed: int = 0) -> dict:
                                 np.concatenate([np.asarray(params[n]).ravel() for n in names]))
     per_tensor = {n: relative_error(tuned[n], params[n]) for n in names}
     worst = max(per_tensor, key=per_tensor.get)
+    module_opt = module.get_opt_state()
+    opt_err = relative_error(*(np.concatenate([np.ravel(v).astype(np.float64) for v in leaves] or [np.zeros(0)])
+                               for leaves in (module_opt.values(), jax.tree.leaves(opt_state))))
+    eval_err = relative_error(module.eval_loss(text, target, text_lengths),
+                              model.loss_fn(params, cfg, text, target, text_lengths))
 
     errors = generation["relative_errors"] | {
         "finetune_loss": max(relative_error(a, b) for a, b in zip(losses, ref_losses)),
         "finetune_params": params_err,
+        "opt_state": opt_err,
+        "eval_loss": eval_err,
+        "resumed_step": _resumed_step_error(module, tuned, module_opt, (text, target, text_lengths)),
     }
     return generation | {
         "kind": "parity",
@@ -212,6 +223,19 @@ def check_parity(module, seed: int = 0) -> dict:
         "worst_param_tensor": {"name": worst, "relative_error": per_tensor[worst]},
         "passed": _generation_passed(generation | {"relative_errors": errors}),
     }
+
+
+def _resumed_step_error(module, params: dict, opt_state: dict, batch: tuple) -> float:
+    """A step from restored weights and optimizer state against the same step
+    taken straight on: what a checkpoint's resume relies on. Their largest
+    relative error over the loss and the weights (0 when the restore is exact)."""
+    loss = module.finetune(*batch, LEARNING_RATE)
+    stepped = module.get_params()
+    module.set_params(params)
+    module.set_opt_state(opt_state)
+    again = module.finetune(*batch, LEARNING_RATE)
+    restepped = module.get_params()
+    return max(relative_error(again, loss), *(relative_error(restepped[n], stepped[n]) for n in stepped))
 
 
 def check_generation_parity(module, seed: int = 0) -> dict:

@@ -14,7 +14,7 @@ OUTPUTS = ("gpt2.mlir", "gpt2-generate.mlir", "gpt2.irpa", "manifest.json")
 
 
 def task_export():
-    """gpt2.mlir (encode, decode, finetune, get/set_params) + gpt2.irpa + manifest.json"""
+    """gpt2.mlir (encode, decode, finetune, eval_loss, get/set_params, get/set_opt_state) + gpt2.irpa + manifest.json"""
     cfg = load_config()
     return {
         # The module is built with iree.compiler and the archive written with

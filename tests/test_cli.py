@@ -1,11 +1,16 @@
 """`gpt2-iree` as a user runs it, on the tiny model: every command and every bad input."""
 
 import json
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from english import paragraphs
 
 from gpt2_iree.cli import main
 
@@ -106,8 +111,8 @@ def test_finetune_then_generate_with_saved_weights(tiny_build, tmp_path):
 def test_inspect_vmfb_and_irpa(tiny_build, capsys):
     assert main(["inspect", str(tiny_build / "gpt2-metal.vmfb")]) == 0
     out = capsys.readouterr().out
-    for name in ("prefill", "decode_64", "decode_128", "seed", "finetune", "get_params", "set_params", "get_state",
-                 "metal-msl-fb"):
+    for name in ("prefill", "decode_64", "decode_128", "seed", "finetune", "eval_loss", "get_params", "set_params",
+                 "get_opt_state", "set_opt_state", "get_state", "metal-msl-fb"):
         assert name in out
     assert main(["inspect", str(tiny_build / "gpt2.irpa")]) == 0
     assert "h.0.attn.qkv_w" in capsys.readouterr().out
@@ -133,8 +138,12 @@ def test_bench_writes_json_and_png(tiny_build, tmp_path, capsys):
     (["generate", "--prompts-file", "/nonexistent/prompts.txt"], "--prompts-file /nonexistent/prompts.txt"),
     (["generate"], "give --prompt TEXT (repeatable), --prompts-file FILE or --interactive"),
     (["generate", "--prompt", "Hi", "--device", "metal"], "device 'metal' is not available here"),
-    (["finetune", "--text", "x" * 200], "text 1 is 200 tokens"),
+    (["finetune", "--text", "  "], "text 1 is empty"),
     (["finetune", "--text-file", "/nonexistent/texts.txt"], "--text-file /nonexistent/texts.txt: no such file"),
+    (["finetune", "--text", "x" * 300, "--steps", "10", "--warmup-steps", "10"],
+     "--warmup-steps 10 is out of range for a run of 10 steps; valid: 0 to 9"),
+    (["finetune", "--text", "x" * 600, "--val-fraction", "0.95"], "--val-fraction 0.95 holds 5 of the text's 5 windows"),
+    (["finetune", "--text", SENTENCE, "--resume", "/nonexistent"], "--resume /nonexistent: no checkpoint there"),
     (["generate", "--prompt", "Hi", "--params", "/nonexistent.irpa"], "/nonexistent.irpa does not exist"),
 ])
 def test_bad_input_is_a_clear_error(tiny_build, capsys, args, message):
@@ -167,3 +176,154 @@ def test_every_command_runs_on_vulkan(tiny_vulkan_build, tmp_path):
     bench = gpt2_iree("bench", "--build-dir", build, "--device", "vulkan", "--repeats", "1", "--json", str(numbers))
     assert bench.returncode == 0, bench.stderr
     assert json.loads(numbers.read_text())["device"] == "vulkan"
+
+
+@pytest.fixture(scope="module")
+def notes(tmp_path_factory):
+    """About 20 KB of text whose every paragraph is longer than the tiny model's seq_len (128 tokens)."""
+    path = tmp_path_factory.mktemp("notes") / "notes.txt"
+    path.write_text(paragraphs(20_000))
+    assert min(len(p) for p in path.read_text().split("\n\n")) > 128
+    return path
+
+
+def finetune(build, *args):
+    return gpt2_iree("finetune", "--build-dir", str(build), "--max-new-tokens", "8", *args)
+
+
+def test_a_notes_file_fine_tunes_for_two_epochs_and_its_validation_loss_falls(tiny_build, notes, tmp_path):
+    report, plot = tmp_path / "run.json", tmp_path / "loss.png"
+    result = finetune(tiny_build, "--text-file", str(notes), "--epochs", "2", "--lr", "0.01", "--eval-every", "100",
+                      "--json", str(report), "--plot", str(plot))
+    assert result.returncode == 0, result.stderr
+    run = json.loads(report.read_text())
+    windows = -(-(len(notes.read_bytes()) + 1 - 1) // 128)  # bytes and end-of-text, 128 predictions a window
+    train_windows = windows - round(0.1 * windows)
+    assert len(run["train_loss"]) == 2 * train_windows
+    steps = [step for step, _ in run["val_loss"]]
+    assert steps == [0, *range(100, 2 * train_windows, 100), 2 * train_windows]
+    assert run["val_loss"][-1][1] < run["val_loss"][0][1] - 0.5, run["val_loss"]
+    assert run["tokens_per_s"] > 0
+    assert "validation at step 0: loss" in result.stdout and "perplexity" in result.stdout
+    assert "val=" in result.stderr  # the progress bar shows the last validation loss
+    assert plot.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_a_run_resumed_from_its_checkpoint_takes_the_steps_of_an_uninterrupted_one(tiny_build, notes, tmp_path):
+    common = ["--text-file", str(notes), "--lr", "0.01", "--eval-every", "5", "--seed", "3"]
+    whole, first, second = (tmp_path / f"{name}.json" for name in ("whole", "first", "second"))
+    assert finetune(tiny_build, *common, "--steps", "20", "--json", str(whole)).returncode == 0
+    assert finetune(tiny_build, *common, "--steps", "10", "--checkpoint-dir", str(tmp_path / "ck"),
+                    "--json", str(first)).returncode == 0
+    resumed = finetune(tiny_build, *common, "--steps", "20", "--resume", str(tmp_path / "ck"), "--json", str(second))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after step 10" in resumed.stdout
+    expected, got = json.loads(whole.read_text()), json.loads(second.read_text())
+    np.testing.assert_allclose(got["train_loss"][10:], expected["train_loss"][10:], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got["train_loss"][:10], json.loads(first.read_text())["train_loss"])
+    assert [s for s, _ in got["val_loss"]] == [0, 5, 10, 15, 20]
+    np.testing.assert_allclose(np.array(got["val_loss"]), np.array(expected["val_loss"]), rtol=0, atol=1e-5)
+    # The losses of steps 11-20 are not those of steps 1-10 again: the run went on.
+    assert got["train_loss"][10:] != got["train_loss"][:10]
+
+
+@pytest.mark.parametrize("sent", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_after_a_checkpoint_stops_within_seconds_and_the_checkpoint_resumes(tiny_build, notes, tmp_path,
+                                                                                   sent):
+    checkpoints = tmp_path / "ck"
+    run = subprocess.Popen([sys.executable, "-m", "gpt2_iree.cli", "finetune", "--build-dir", str(tiny_build),
+                            "--text-file", str(notes), "--steps", "1000000", "--save-every", "50",
+                            "--checkpoint-dir", str(checkpoints)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    deadline = time.monotonic() + 300
+    while not (checkpoints / "checkpoint.json").is_file() and time.monotonic() < deadline and run.poll() is None:
+        time.sleep(0.05)
+    assert (checkpoints / "checkpoint.json").is_file(), run.communicate()
+    signalled = time.monotonic()
+    run.send_signal(sent)
+    out, err = run.communicate(timeout=10)
+    assert time.monotonic() - signalled < 10
+    assert run.returncode == 128 + sent, err
+    last = err.strip().splitlines()[-1]
+    assert f"interrupted by {sent.name} after step" in last and f"saved checkpoint {checkpoints}" in last
+    assert f"--resume {checkpoints}" in last and "Traceback" not in err
+    step = json.loads((checkpoints / "checkpoint.json").read_text())["run"]["step"]
+    assert f"after step {step} of 1000000" in last
+    resumed = finetune(tiny_build, "--text-file", str(notes), "--steps", str(step + 3), "--resume", str(checkpoints))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming after step {step}" in resumed.stdout and f"over {step + 3} steps" in resumed.stdout
+
+
+def test_a_bad_out_fails_in_seconds_before_any_training(tiny_build, notes):
+    start = time.monotonic()
+    result = finetune(tiny_build, "--text-file", str(notes), "--epochs", "50", "--out", "/missing/dir/tuned.irpa")
+    assert time.monotonic() - start < 5
+    # The error alone: no progress bar, so no step was taken.
+    assert result.returncode == 2 and result.stderr.strip() == ("gpt2-iree finetune: error: --out /missing/dir/tuned.irpa: "
+                                     "the directory /missing/dir does not exist")
+
+
+@pytest.mark.parametrize("option, path, message", [
+    ("--out", "/proc/tuned.irpa", "--out /proc/tuned.irpa: cannot write in /proc"),
+    ("--json", "/missing/run.json", "--json /missing/run.json: the directory /missing does not exist"),
+    ("--plot", "/missing/loss.png", "--plot /missing/loss.png: the directory /missing does not exist"),
+    ("--export-hf", "/missing/hf", "--export-hf /missing/hf: the directory /missing does not exist"),
+    ("--checkpoint-dir", "/missing/ck", "--checkpoint-dir /missing/ck: the directory /missing does not exist"),
+])
+def test_every_output_path_is_checked_before_any_work(tiny_build, capsys, option, path, message):
+    assert main(["finetune", "--build-dir", str(tiny_build), "--text", SENTENCE, option, path]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_what_would_be_lost_is_refused(tiny_build, tmp_path, capsys):
+    def refused(*args):
+        assert main(["finetune", "--build-dir", str(tiny_build), "--text", SENTENCE, *args]) == 2
+        return capsys.readouterr().err
+
+    assert "is the build's own archive, its input" in refused("--out", str(tiny_build / "gpt2.irpa"))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("years of work")
+    assert "holds files an export does not write (thesis.tex)" in refused("--export-hf", str(tmp_path / "mine"))
+    for _ in range(2):  # a previous export is written over
+        assert main(["finetune", "--build-dir", str(tiny_build), "--text", SENTENCE, "--steps", "1",
+                     "--export-hf", str(tmp_path / "hf")]) == 0
+    assert main(["finetune", "--build-dir", str(tiny_build), "--text", SENTENCE, "--steps", "2",
+                 "--checkpoint-dir", str(tmp_path / "ck")]) == 0
+    assert f"--checkpoint-dir {tmp_path / 'ck'} holds a checkpoint already" in refused(
+        "--checkpoint-dir", str(tmp_path / "ck"))
+
+
+def test_bench_with_a_bad_json_path_fails_before_benchmarking(tiny_build, capsys):
+    start = time.monotonic()
+    assert main(["bench", "--build-dir", str(tiny_build), "--json", "/missing/x.json"]) == 2
+    assert time.monotonic() - start < 1
+    err = capsys.readouterr().err
+    assert err == "gpt2-iree bench: error: --json /missing/x.json: the directory /missing does not exist\n"
+
+
+def test_damaged_files_are_one_line_errors(tiny_build, tmp_path):
+    def one_line_error(*args):
+        result = gpt2_iree(*args)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        return result.stderr
+
+    (tmp_path / "cut.irpa").write_bytes((tiny_build / "gpt2.irpa").read_bytes()[:5000])
+    assert "cut.irpa is not an IREE parameter archive, or not all of one" in one_line_error(
+        "generate", "--build-dir", str(tiny_build), "--prompt", "Hi", "--params", str(tmp_path / "cut.irpa"))
+    build = tmp_path / "build"
+    shutil.copytree(tiny_build, build)
+    (build / "gpt2-cpu.vmfb").write_bytes((tiny_build / "gpt2-cpu.vmfb").read_bytes()[:100_000])
+    assert "gpt2-cpu.vmfb is not a loadable IREE module" in one_line_error(
+        "finetune", "--build-dir", str(build), "--text", SENTENCE, "--device", "local-task")
+    assert main(["finetune", "--build-dir", str(tiny_build), "--text", SENTENCE, "--steps", "2",
+                 "--checkpoint-dir", str(tmp_path / "ck")]) == 0
+    archive = next((tmp_path / "ck").glob("params-*.irpa"))
+    archive.write_bytes(archive.read_bytes()[:-4096])
+    assert f"{archive.name} is missing or damaged" in one_line_error(
+        "finetune", "--build-dir", str(tiny_build), "--text", SENTENCE, "--steps", "4", "--resume", str(tmp_path / "ck"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="Linux's /proc")
+def test_a_read_error_on_a_path_is_a_one_line_error(tiny_build, capsys):
+    assert main(["finetune", "--build-dir", str(tiny_build), "--text-file", "/proc/self/mem"]) == 2
+    assert capsys.readouterr().err == "gpt2-iree finetune: error: --text-file /proc/self/mem: Input/output error\n"

@@ -9,7 +9,8 @@ from gpt2_iree import inspection
 from gpt2_iree.errors import Gpt2IreeError
 
 # tiny's defaults: a context of 128 in chunks of 64, so decode windows of 64 and 128.
-FUNCTIONS = ["prefill", "decode_64", "decode_128", "seed", "finetune", "get_params", "set_params", "get_state"]
+FUNCTIONS = ["prefill", "decode_64", "decode_128", "seed", "finetune", "eval_loss", "get_params", "set_params",
+             "get_opt_state", "set_opt_state", "get_state"]
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,7 @@ def test_cpu_functions_and_signatures(cpu, tiny_build):
     assert sig["seed"] == "seed(tensor<1xi32>, tensor<1xi32>) -> ()"
     assert sig["finetune"] == ("finetune(tensor<1x128xi32>, tensor<1x128xi32>, tensor<1xi32>, tensor<f32>) "
                                "-> tensor<f32>")
+    assert sig["eval_loss"] == "eval_loss(tensor<1x128xi32>, tensor<1x128xi32>, tensor<1xi32>) -> tensor<f32>"
     assert sig["get_params"].count("tensor<") == len(json.loads((tiny_build / "manifest.json").read_text())["params"])
     assert cpu["size_bytes"] == (tiny_build / "gpt2-cpu.vmfb").stat().st_size
 

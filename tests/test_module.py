@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from gpt2_iree import archive
+from gpt2_iree.archive import ArchiveError
 from gpt2_iree.devices import available_devices
 from gpt2_iree.module import DEFAULT_BUILD_DIR, BuildError, Module, reuse_freed_memory
 from tasks.config import parse_config
@@ -54,8 +55,31 @@ def test_params_that_do_not_match_the_module_are_refused(tiny_build, tmp_path):
     with pytest.raises(BuildError, match=r"missing: wpe; wrong size: ln_f.bias"):
         Module(tiny_build, params=tmp_path / "bad.irpa")
     (tmp_path / "garbage.irpa").write_bytes(b"not an archive")
-    with pytest.raises(BuildError, match="garbage.irpa is not an IREE parameter archive"):
+    with pytest.raises(ArchiveError, match="garbage.irpa is not an IREE parameter archive"):
         Module(tiny_build, params=tmp_path / "garbage.irpa")
+
+
+@pytest.mark.parametrize("size", [100, 5000, 300_000])  # into the header, the entry table, the weights
+def test_a_truncated_archive_is_refused_by_name(tiny_build, tmp_path, size):
+    (tmp_path / "cut.irpa").write_bytes((tiny_build / "gpt2.irpa").read_bytes()[:size])
+    with pytest.raises(ArchiveError, match="cut.irpa is not an IREE parameter archive, or not all of one"):
+        Module(tiny_build, params=tmp_path / "cut.irpa")
+
+
+def test_eval_loss_changes_nothing_and_the_optimizer_state_round_trips(tiny_build):
+    module = Module(tiny_build)
+    text = np.arange(128, dtype=np.int32)[None] % 200
+    target, lengths = np.roll(text, -1, axis=1), np.array([127], np.int32)
+    first = module.eval_loss(text, target, lengths)
+    assert module.eval_loss(text, target, lengths) == first == module.finetune(text, target, lengths, 0.1)
+    state, params = module.get_opt_state(), module.get_params()
+    assert [(name, list(value.shape), value.dtype.name) for name, value in state.items()] == \
+        [tuple(leaf) for leaf in module.manifest["opt_state"]]
+    assert state["[0].count"] == 1  # Adafactor counts its steps
+    stepped = module.finetune(text, target, lengths, 0.1)
+    module.set_params(params)
+    module.set_opt_state(state)
+    assert module.finetune(text, target, lengths, 0.1) == stepped
 
 
 def test_weights_given_in_memory_must_fit_the_module(tiny_build):

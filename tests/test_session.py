@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from gpt2_iree import archive
+from gpt2_iree.corpus import CorpusError
 from gpt2_iree.sampling import Sampling
 from gpt2_iree.session import Session
 
@@ -95,12 +96,19 @@ def test_stop_strings_end_the_completion_before_them(tiny_build):
 
 @pytest.mark.parametrize("texts, message", [
     ([], "no text to fine-tune on"),
-    (["  "], "text 1 is empty"),
-    (["ok", "x" * 160], r"text 2 is 160 tokens with end-of-text; this module fine-tunes on at most 129"),
+    (["ok", "  "], "text 2 is empty"),
 ])
 def test_bad_finetune_texts_are_refused(tiny_build, texts, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(CorpusError, match=message):
         Session(tiny_build).finetune(texts, steps=1)
+
+
+def test_texts_longer_than_seq_len_are_packed_into_windows_not_refused(tiny_build):
+    session = Session(tiny_build)
+    corpus = session.corpus(texts=["x" * 300, "y" * 40])
+    # 342 tokens with end-of-text: 341 pairs, in windows of seq_len=128.
+    assert len(corpus) == 3 and corpus.lengths([0, 1, 2]).tolist() == [128, 128, 85]
+    assert len(session.finetune(["x" * 300, "y" * 40], steps=4)) == 4
 
 
 def test_finetune_learns_a_sentence_and_saved_weights_keep_it(tiny_build, tmp_path):

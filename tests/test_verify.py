@@ -18,6 +18,9 @@ def test_parity_report_on_the_cpu_module(tiny_build, tmp_path, toolchain_json):
     assert sampled["equal_to_jax"] and sampled["top_k_1_is_greedy"] and sampled["steps"] == verify.SAMPLED_STEPS
     assert len(report["losses"]) == verify.FINETUNE_STEPS
     assert all(e <= verify.TOLERANCE for e in report["relative_errors"].values())
+    # The new entry points: eval_loss against JAX's loss, and a resumed step.
+    errors = report["relative_errors"]
+    assert {"eval_loss", "opt_state", "resumed_step"} <= set(errors) and errors["resumed_step"] == 0
     # The generation module, against JAX on the same float16-rounded weights.
     generation = report["generation"]
     assert generation["kind"] == "parity" and generation["passed"] and generation["weights_dtype"] == "float16"
