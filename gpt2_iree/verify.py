@@ -1,15 +1,19 @@
 """Prove the compiled modules right: run them against the JAX reference on the same weights.
 
-For a target this host executes, every entry point is compared with the same
-JAX functions the module was lowered from: greedy tokens must be equal, and
-logits, KV cache, losses, fine-tuned weights, the optimizer's state and
-`eval_loss` within TOLERANCE relative (norm of the difference over norm of the
-reference); and a step from weights and optimizer state written back with
-set_params/set_opt_state must repeat the step taken straight on, as a resumed
-checkpoint does. The generation module is
-compared with JAX on the same float16-rounded weights, to the same tolerance;
-what the rounding itself costs is reported beside. For a target this host
-cannot run, the artifacts are checked structurally instead.
+For a target this host executes, the module is driven as Session drives it
+(generation.Rows) and compared with JAX: a chunked prefill and greedy decode
+steps across a context shift against JAX's full causal forward (tokens equal;
+logits and KV cache within TOLERANCE relative: norm of the difference over
+norm of the reference); sampled steps against the same sampler run by JAX
+(tokens equal), and top-k 1 against greedy; fine-tuning losses, weights, the
+optimizer's state and `eval_loss` within TOLERANCE; and a step from weights
+and optimizer state written back with set_params/set_opt_state must repeat
+the step taken straight on, as a resumed checkpoint does. The generation
+module is compared with JAX on the same float16-rounded weights, to the same
+tolerance; what the rounding itself costs is reported beside. For a target
+this host cannot run, the artifacts are checked structurally, and where the
+host has Vulkan, the target's kernels compiled for it run the parity checks
+too (`targets.on_vulkan`).
 """
 
 from __future__ import annotations
