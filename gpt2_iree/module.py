@@ -159,7 +159,8 @@ class Module:
     def prefill(self, chunk: np.ndarray, lengths: np.ndarray, starts: np.ndarray, sampling: tuple) -> np.ndarray:
         """Append chunk[b, :lengths[b]] to row b's cache at starts[b]; each row's
         next token (B,). `sampling`: temperature (B,), top_k (B,), top_p (B,)."""
-        return self._host(self.functions.prefill(*self._args(*_int32(chunk, lengths, starts), *_settings(sampling))))[:, 0]
+        tokens = self.functions.prefill(*self._args(*_int32(chunk, lengths, starts), *_settings(sampling)))
+        return self._host(tokens)[:, 0]
 
     def decode(self, window: int, active: np.ndarray, sampling: tuple) -> np.ndarray:
         """One step of the active rows, attending over the first `window` cache

@@ -51,8 +51,6 @@ def _forward(params, cfg, tokens: list[int], length: int) -> tuple[np.ndarray, d
     cache: the last position's logits, and every position's K/V by layer.
     Padded to `length` (what is causal never sees the padding) so that one
     compiled forward serves every sequence."""
-    import jax
-
     from gpt2_iree import model
 
     def run(p, t):
@@ -105,7 +103,7 @@ def _check_generation(module, params: dict, seed: int) -> dict:
 
     cfg = model.GPT2Config(**module.manifest["config"])
     shapes = model.Shapes(**module.manifest["shapes"])
-    B, C, T = shapes.batch, shapes.prompt_len, shapes.context
+    B, T = shapes.batch, shapes.context
     rng = np.random.default_rng(seed)
     # Prompts that end a few steps short of a full context, not a whole number
     # of chunks, of different lengths per row: the decode steps then cross a
