@@ -130,24 +130,11 @@ def _check_generation(module, params: dict, seed: int) -> dict:
     errors |= {f"decode_{k}": v for k, v in _cache_errors(module.get_state(), rows, params, cfg).items()}
 
     settings = Sampling(temperature=0.8, top_k=50, top_p=0.95, seed=seed + 7)
-    sampled = {}
-    for name, target in (("module", module), ("jax", JaxReference(module.manifest, params))):
-        runs = Rows(target)
-        for row in range(B):
-            runs.start(row, dataclasses.replace(settings, seed=settings.seed + row))
-        steps = [runs.feed(dict(enumerate(prompts)))]
-        steps += [runs.step(set(range(B))) for _ in range(SAMPLED_STEPS - 1)]
-        sampled[name] = [[s[row] for row in range(B)] for s in steps]
-    top1 = Rows(module)
-    for row in range(B):
-        top1.start(row, Sampling(temperature=1.0, top_k=1, seed=seed))
-    top1_tokens = [top1.feed(dict(enumerate(prompts)))]
-    top1_tokens += [top1.step(set(range(B))) for _ in range(DECODE_STEPS - 1)]
-    greedy = Rows(module)
-    for row in range(B):
-        greedy.start(row, Sampling())
-    greedy_tokens = [greedy.feed(dict(enumerate(prompts)))]
-    greedy_tokens += [greedy.step(set(range(B))) for _ in range(DECODE_STEPS - 1)]
+    per_row = [dataclasses.replace(settings, seed=settings.seed + row) for row in range(B)]
+    sampled = {name: _generated(target, prompts, per_row, SAMPLED_STEPS)
+               for name, target in (("module", module), ("jax", JaxReference(module.manifest, params)))}
+    top1_tokens = _generated(module, prompts, [Sampling(temperature=1.0, top_k=1, seed=seed)] * B, DECODE_STEPS)
+    greedy_tokens = _generated(module, prompts, [Sampling()] * B, DECODE_STEPS)
 
     return {
         "prompt_lengths": lengths,
@@ -159,6 +146,19 @@ def _check_generation(module, params: dict, seed: int) -> dict:
                     "top_k_1_is_greedy": top1_tokens == greedy_tokens},
         "relative_errors": errors,
     }
+
+
+def _generated(target, prompts: list[list[int]], settings: list, steps: int) -> list[list[int]]:
+    """`steps` tokens of every row of `target` (a Module or a JaxReference) from
+    `prompts`, each row with its own Sampling: per step, the rows' tokens."""
+    from gpt2_iree.generation import Rows
+
+    rows = Rows(target)
+    for row, setting in enumerate(settings):
+        rows.start(row, setting)
+    every = set(range(len(prompts)))
+    steps_out = [rows.feed(dict(enumerate(prompts)))] + [rows.step(every) for _ in range(steps - 1)]
+    return [[step[row] for row in range(len(prompts))] for step in steps_out]
 
 
 def _generation_passed(report: dict) -> bool:
