@@ -194,8 +194,39 @@ def _greedy(logits):
     return jnp.min(jnp.where(logits == best, vocab, logits.shape[-1]), axis=-1)
 
 
+# The most workgroups one dispatch may launch along a grid dimension on every
+# Vulkan device (the spec's minimum) and on IREE's Metal target.
+MAX_WORKGROUP_COUNT = 65535
+
+
+@jax.custom_vjp
+def _rows(table, ids):
+    """table[ids]. Its gradient is a scatter-add, which IREE 3.13's GPU path
+    runs with one workgroup per updated element without splitting the grid:
+    past MAX_WORKGROUP_COUNT elements (85 rows of 768) the rest are silently
+    dropped. So the backward adds the rows in chunks that stay under it."""
+    return table[ids]
+
+
+def _rows_forward(table, ids):
+    return table[ids], (table, ids)
+
+
+def _rows_backward(saved, grad):
+    table, ids = saved
+    ids, grad = ids.reshape(-1), grad.reshape(-1, table.shape[-1])
+    chunk = max(1, MAX_WORKGROUP_COUNT // table.shape[-1])
+    table_grad = jnp.zeros_like(table)
+    for start in range(0, ids.shape[0], chunk):
+        table_grad = table_grad.at[ids[start:start + chunk]].add(grad[start:start + chunk])
+    return table_grad, None
+
+
+_rows.defvjp(_rows_forward, _rows_backward)
+
+
 def _embed(params, tokens, positions):
-    return params["wte"][tokens] + params["wpe"][positions]
+    return _rows(params["wte"], tokens) + _rows(params["wpe"], positions)
 
 
 def forward(params, cfg: GPT2Config, tokens, kv: dict | None = None):
@@ -257,8 +288,13 @@ def _thresholds(scaled, top_k, top_p):
     """Per row, the largest logit thresholds at which at least `top_k` tokens
     (count) and at least `top_p` of the probability (mass) stay at or above
     them: the top-k set and the top-p nucleus without sorting the vocabulary.
-    (IREE 3.13's top-k is wrong on its SPIR-V path: Vulkan and Metal.)"""
-    probs = jax.nn.softmax(scaled, axis=-1)
+    (IREE 3.13's top-k is wrong on its SPIR-V path: Vulkan and Metal.)
+
+    The mass is weighed unnormalised, against top_p times the total: IREE
+    3.13's softmax is wrong on that path from 32768 entries on, and GPT-2's
+    vocabulary has 50257."""
+    weights = jnp.exp(scaled - jnp.max(scaled, axis=-1, keepdims=True))
+    needed = top_p[:, None] * jnp.sum(weights, axis=-1, keepdims=True)
     k = jnp.maximum(top_k, 1).astype(scaled.dtype)[:, None]
     # Every real token is at or above it (count V, mass 1); the padded
     # vocabulary's NEG_INF would make the range, and each step, 1e9 wide.
@@ -269,7 +305,7 @@ def _thresholds(scaled, top_k, top_p):
         k_mid, p_mid = (k_low + k_high) / 2, (p_low + p_high) / 2
         enough = jnp.sum((scaled >= k_mid).astype(scaled.dtype), axis=-1, keepdims=True) >= k
         k_low, k_high = jnp.where(enough, k_mid, k_low), jnp.where(enough, k_high, k_mid)
-        mass = jnp.sum(jnp.where(scaled >= p_mid, probs, 0.0), axis=-1, keepdims=True) >= top_p[:, None]
+        mass = jnp.sum(jnp.where(scaled >= p_mid, weights, 0.0), axis=-1, keepdims=True) >= needed
         p_low, p_high = jnp.where(mass, p_mid, p_low), jnp.where(mass, p_high, p_mid)
     return k_low, p_low
 
@@ -291,7 +327,11 @@ def sample(logits, key, temperature, top_k, top_p):
     key, noise_key = jax.lax.bitcast_convert_type(split[:, 0], jnp.int32), split[:, 1]
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
     gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (logits.shape[-1],)))(noise_key)
-    k_threshold, p_threshold = _thresholds(scaled, top_k, top_p)
+    # Fused into the pass below, the threshold search's last reductions went
+    # wrong on IREE 3.13's SPIR-V path at GPT-2's vocabulary: they let in
+    # tokens outside the top-k set or the nucleus. The barrier keeps the
+    # search and the draw in separate dispatches.
+    k_threshold, p_threshold = jax.lax.optimization_barrier(_thresholds(scaled, top_k, top_p))
     allowed = (((top_k == 0)[:, None] | (scaled >= k_threshold))
                & ((top_p >= 1.0)[:, None] | (scaled >= p_threshold)))
     drawn = _greedy(jnp.where(allowed, scaled + gumbel, NEG_INF))
