@@ -240,10 +240,23 @@ def _resumed_step_error(module, params: dict, opt_state: dict, batch: tuple) -> 
     return max(relative_error(again, loss), *(relative_error(restepped[n], stepped[n]) for n in stepped))
 
 
+def rounding_cost(cfg, rounded: dict, exact: dict, length: int, seed: int = 0) -> dict:
+    """What computing with `rounded` weights instead of the `exact` float32
+    ones costs, at every position of one random sequence of `length` tokens:
+    the logits' relative error, and how often the greedy token stays the same."""
+    from gpt2_iree import model
+
+    tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, (1, length), dtype=np.int32)
+    forward = _jitted(lambda p, t: model.forward(p, cfg, t)[0, :, :cfg.vocab_size])
+    with_rounded, with_exact = (np.asarray(forward(p, tokens)) for p in (rounded, exact))
+    return {"positions": length, "logits": relative_error(with_rounded, with_exact),
+            "greedy_agreement": float(np.mean(with_rounded.argmax(-1) == with_exact.argmax(-1)))}
+
+
 def check_generation_parity(module, seed: int = 0) -> dict:
     """Run the generation entry points on the generation `module` and on JAX
     with the same float16-rounded weights; also report what the rounding
-    costs: the relative error of the logits of a prompt against float32 weights."""
+    costs over a whole context (`rounding_cost`)."""
     import jax.numpy as jnp
 
     from gpt2_iree import model
@@ -253,14 +266,12 @@ def check_generation_parity(module, seed: int = 0) -> dict:
     weights = module.archive_weights()
     params = {name: jnp.asarray(v.astype(dtype).astype(np.float32)) for name, v in weights.items()}
     report = _check_generation(module, params, seed)
-    prompt = np.random.default_rng(seed).integers(0, cfg.vocab_size, module.manifest["shapes"]["prompt_len"]).tolist()
-    rounded, exact = (_forward(p, cfg, prompt, len(prompt))[0][:cfg.vocab_size] for p in (params, weights))
     return report | {
         "kind": "parity",
         "device": module.device,
         "tolerance": TOLERANCE,
         "weights_dtype": dtype,
-        "rounding_cost": {"prompt_logits": relative_error(rounded, exact)},
+        "rounding_cost": rounding_cost(cfg, params, weights, module.manifest["shapes"]["context"], seed),
         "passed": _generation_passed(report),
     }
 
@@ -360,8 +371,9 @@ def summary(report: dict) -> str:
         errors = ", ".join(f"{k} {v:.1e}" for k, v in r["relative_errors"].items())
         weights = ""
         if "weights_dtype" in r:
-            weights = (f" with {r['weights_dtype']} weights (rounding them moved the logits "
-                       f"{r['rounding_cost']['prompt_logits']:.1e})")
+            cost = r["rounding_cost"]
+            weights = (f" with {r['weights_dtype']} weights (rounding them moved the logits {cost['logits']:.1e} "
+                       f"and kept {cost['greedy_agreement']:.1%} of {cost['positions']} greedy tokens)")
         where = f"{r['device']}, running {r['module']}" if r["kind"] == "parity-on-vulkan" else r["device"]
         sampled = r["sampled"]
         text = (f"{what}: parity with JAX{weights} {'ok' if r['passed'] else 'FAILED'} on {where} "
