@@ -22,6 +22,9 @@ code; each avoids something IREE 3.13 rejects or runs slowly (see DESIGN.md):
 * Masks use `where(mask, x, -1e9)`; `x - inf * mask` would give 0 * inf = NaN.
 * The module's Adafactor is adafactor.py's: optax's math, written so that IREE
   streams each weight fewer times (see `make_optimizer`).
+* Three pieces avoid wrong results on IREE's GPU path at GPT-2's sizes: the
+  embeddings' gradient is added in chunks (`_rows`), top-p weighs its mass
+  unnormalised (`_thresholds`), and a barrier splits the sampler (`sample`).
 """
 
 from __future__ import annotations
