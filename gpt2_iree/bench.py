@@ -14,7 +14,9 @@ by the same host code (generation.Rows; JAX through reference.JaxReference):
 * decode late: the same from position LATE_POSITION (or near the end of a
   shorter context), where a step reads most of the cache;
 * decode sampled: the early decode at temperature 0.8, top-k 50, top-p 0.95 (IREE);
-* finetune: one optimizer step on random text (B, S) at learning rate 1e-4, in s.
+* finetune: one optimizer step on random text (B, S) at learning rate 1e-4, in s;
+* peak memory (IREE only): the peak RSS of a fine-tuning step and of
+  generation, each in a process of its own (peak_memory.py), in MB.
 
 Every number is the median of `repeats` runs after `warmup` untimed ones (the
 warm-up also absorbs JAX's jit compilation), IREE and JAX taking turns run by
@@ -104,7 +106,7 @@ def run_benchmark(build_dir: Path, device: str | None = None, repeats: int = 5, 
     import jax
     import jax.numpy as jnp
 
-    from gpt2_iree import model
+    from gpt2_iree import model, peak_memory
     from gpt2_iree.generation import Rows
     from gpt2_iree.module import Module, has_generation_module
     from gpt2_iree.reference import JaxReference
@@ -214,6 +216,10 @@ def run_benchmark(build_dir: Path, device: str | None = None, repeats: int = 5, 
         f"({weight_bytes * dtype.itemsize / 4e6:.1f} MB of {dtype.name} weights; float32: {floor_f32_ms:.4f}); "
         f"late {late_floor_ms:.4f} (and {cache_bytes / 1e6:.1f} MB of cache)")
 
+    peak = peak_memory.peak_rss_mb(build_dir, module.device)
+    log(f"  peak RSS  finetune {peak['finetune']:.0f} MB, generate {peak['generate']:.0f} MB "
+        f"(each in a process of its own)")
+
     return {
         "prefill_ms": _pair(iree_prefill * 1e3, jax_prefill * 1e3),
         "long_prefill_ms": _pair(iree_long * 1e3, jax_long * 1e3) | {"tokens": long_prompt},
@@ -228,6 +234,7 @@ def run_benchmark(build_dir: Path, device: str | None = None, repeats: int = 5, 
         "decode_floor_ms": floor_ms,
         "decode_late_floor_ms": late_floor_ms,
         "decode_float32_floor_ms": floor_f32_ms,
+        "peak_rss_mb": peak,
         "model": manifest["model"],
         "config": {**manifest["config"], **manifest["shapes"], "optimizer": optimizer},
         "device": module.device,
@@ -268,7 +275,9 @@ def format_table(result: dict) -> str:
            f"late in the context (position {result['decode_late_ms_per_token']['position']}, the cache read too): "
            f"floor {result['decode_late_floor_ms']:.4g} ms/token; IREE decode is "
            f"{result['decode_late_ms_per_token']['iree'] / result['decode_late_floor_ms']:.1f}x it",
-           f"long prefill: {result['long_prefill_ms']['tokens']} tokens"]
+           f"long prefill: {result['long_prefill_ms']['tokens']} tokens",
+           f"peak RSS, each in a process of its own: a fine-tuning step {result['peak_rss_mb']['finetune']:.0f} MB, "
+           f"generation {result['peak_rss_mb']['generate']:.0f} MB"]
     return "\n".join(out)
 
 

@@ -10,7 +10,8 @@ from gpt2_iree import bench
 PAIRS = ("prefill_ms", "long_prefill_ms", "decode_ms_per_token", "decode_late_ms_per_token",
          "decode_float32_ms_per_token", "finetune_s_per_step")
 KEYS = {*PAIRS, "decode_sampled_ms_per_token", "tokens_per_s", "generation_weights", "bandwidth_gbs",
-        "decode_floor_ms", "decode_late_floor_ms", "decode_float32_floor_ms", "model", "config", "device", "repeats"}
+        "decode_floor_ms", "decode_late_floor_ms", "decode_float32_floor_ms", "peak_rss_mb", "model", "config",
+        "device", "repeats"}
 
 
 @pytest.fixture(scope="module")
