@@ -53,13 +53,13 @@ def _forward(params, cfg, tokens: list[int], length: int) -> tuple[np.ndarray, d
     compiled forward serves every sequence."""
     from gpt2_iree import model
 
-    def run(p, t):
+    def run(cfg, p, t):
         kv = {}
         return model.forward(p, cfg, t, kv)[0], {k: v[0] for k, v in kv.items()}
 
     padded = np.zeros((1, length), np.int32)
     padded[0, :len(tokens)] = tokens
-    logits, kv = _jitted(run)(params, padded)
+    logits, kv = _jitted(run)(cfg, params, padded)
     n = len(tokens)
     return np.asarray(logits[n - 1]), {k: np.asarray(v[:n]) for k, v in kv.items()}
 
@@ -68,10 +68,12 @@ _JITTED: dict = {}
 
 
 def _jitted(fn):
-    """One jax.jit per function's code, reused across calls (a new closure each call would recompile)."""
+    """One jax.jit per function's code, reused across calls (a new closure each
+    call would recompile). `fn` takes the model's config first, as a static
+    argument: a closure over it would keep the first call's config."""
     import jax
 
-    return _JITTED.setdefault(fn.__code__, jax.jit(fn))
+    return _JITTED.setdefault(fn.__code__, jax.jit(fn, static_argnums=0))
 
 
 def _cache_errors(state: dict, rows, params, cfg) -> dict:
@@ -247,8 +249,8 @@ def rounding_cost(cfg, rounded: dict, exact: dict, length: int, seed: int = 0) -
     from gpt2_iree import model
 
     tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, (1, length), dtype=np.int32)
-    forward = _jitted(lambda p, t: model.forward(p, cfg, t)[0, :, :cfg.vocab_size])
-    with_rounded, with_exact = (np.asarray(forward(p, tokens)) for p in (rounded, exact))
+    forward = _jitted(lambda cfg, p, t: model.forward(p, cfg, t)[0, :, :cfg.vocab_size])
+    with_rounded, with_exact = (np.asarray(forward(cfg, p, tokens)) for p in (rounded, exact))
     return {"positions": length, "logits": relative_error(with_rounded, with_exact),
             "greedy_agreement": float(np.mean(with_rounded.argmax(-1) == with_exact.argmax(-1)))}
 
