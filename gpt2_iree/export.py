@@ -66,8 +66,8 @@ def generation_state(cfg: model.GPT2Config, shapes: model.Shapes) -> dict:
     """The state groups of generation: the KV cache (and each row's position,
     last token and logits), and apart from it the rows' generators, which
     `seed` writes without touching the cache."""
-    cache = model.empty_cache(cfg, shapes)
-    return {"cache": {k: v for k, v in cache.items() if k != "key"}, "rng": {"key": cache["key"]}}
+    cache, rng = _split(model.empty_cache(cfg, shapes))
+    return {"cache": cache, "rng": rng}
 
 
 def state_names(cfg: model.GPT2Config, shapes: model.Shapes) -> list[str]:
@@ -99,7 +99,7 @@ def _generation(cfg: model.GPT2Config, shapes: model.Shapes, weights: str, upcas
         return decode
 
     def seed(rng, seeds, rows):
-        return ({"key": jnp.where((rows != 0)[:, None], model.seeded_keys(seeds), rng["key"])},), ()
+        return ({"key": model.reseeded(rng["key"], seeds, rows)},), ()
 
     state = (weights, "cache", "rng")
     table = {

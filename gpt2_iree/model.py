@@ -253,7 +253,6 @@ def forward(params, cfg: GPT2Config, tokens, kv: dict | None = None):
 # --- inference with a KV cache ------------------------------------------------
 
 
-
 def empty_cache(cfg: GPT2Config, shapes: Shapes) -> dict[str, jax.Array]:
     """The decode state: per-layer K and V (B, cache_len, H, Q); per row the
     next write position, the last token, that step's logits (kept for
@@ -347,6 +346,19 @@ def seeded_keys(seeds):
     return jax.lax.bitcast_convert_type(keys, jnp.int32)
 
 
+def reseeded(keys, seeds, rows):
+    """keys (B,2) with each row whose `rows` (B,) flag is set restarted at its seed."""
+    return jnp.where((rows != 0)[:, None], seeded_keys(seeds), keys)
+
+
+def _advanced(cache, on, pos, token, logits, key):
+    """The rows' position, last token, logits and generator after a step: the
+    new values in the rows flagged `on` (B,), the cache's in the others."""
+    new = {"pos": pos.astype(jnp.int32), "token": token, "logits": logits, "key": key}
+    return {name: jnp.where(on.reshape(-1, *(1,) * (value.ndim - 1)), value, cache[name])
+            for name, value in new.items()}
+
+
 def prefill(params, cfg: GPT2Config, shapes: Shapes, cache, chunk, lengths, starts, sampling):
     """Append a chunk to each row's sequence and pick the token after it.
 
@@ -374,11 +386,7 @@ def prefill(params, cfg: GPT2Config, shapes: Shapes, cache, chunk, lengths, star
     last = jax.nn.one_hot(jnp.maximum(lengths - 1, 0), C, dtype=x.dtype)
     logits = _logits(params, cfg, jnp.einsum("bc,bce->be", last, x)[:, None])[:, 0]
     token, key = sample(logits, cache["key"], *sampling)
-    used = lengths > 0
-    new |= {"pos": jnp.where(used, starts + lengths, cache["pos"]).astype(jnp.int32),
-            "token": jnp.where(used, token, cache["token"]),
-            "logits": jnp.where(used[:, None], logits, cache["logits"]),
-            "key": jnp.where(used[:, None], key, cache["key"])}
+    new |= _advanced(cache, lengths > 0, starts + lengths, token, logits, key)
     return new, new["token"]
 
 
@@ -402,9 +410,7 @@ def decode(params, cfg: GPT2Config, shapes: Shapes, cache, window: int, active, 
         x = _block(params, i, cfg, x, attend)
     logits = _logits(params, cfg, x)[:, 0]
     token, key = sample(logits, cache["key"], *sampling)
-    on = active != 0
-    new |= {"pos": jnp.where(on, pos + 1, pos), "token": jnp.where(on, token, cache["token"]),
-            "logits": jnp.where(on[:, None], logits, cache["logits"]), "key": jnp.where(on[:, None], key, cache["key"])}
+    new |= _advanced(cache, active != 0, pos + 1, token, logits, key)
     return new, new["token"]
 
 

@@ -29,7 +29,7 @@ class JaxReference:
         self.cache = model.empty_cache(cfg, shapes)
         self._prefill = jax.jit(lambda p, c, x, n, s, t: model.prefill(p, cfg, shapes, c, x, n, s, t))
         self._decode = jax.jit(lambda p, c, w, a, t: model.decode(p, cfg, shapes, c, w, a, t), static_argnums=2)
-        self._seed = jax.jit(model.seeded_keys)
+        self._reseeded = jax.jit(model.reseeded)
 
     def prefill(self, chunk, lengths, starts, sampling):
         self.cache, token = self._prefill(self.params, self.cache, chunk, lengths, starts, sampling)
@@ -40,8 +40,7 @@ class JaxReference:
         return np.asarray(token)
 
     def seed(self, seeds, rows):
-        keys = np.where((np.asarray(rows) != 0)[:, None], self._seed(seeds), self.cache["key"])
-        self.cache = self.cache | {"key": keys}
+        self.cache = self.cache | {"key": self._reseeded(self.cache["key"], seeds, rows)}
 
     def get_state(self):
         return {name: np.asarray(value) for name, value in self.cache.items()}
