@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt2_iree import model, stateful
+from gpt2_iree import lora, model, stateful
 from gpt2_iree.archive import write_irpa
 from gpt2_iree.files import replace_atomically, sha256_file, write_json, write_text
 
@@ -79,21 +79,24 @@ def _split(cache: dict) -> tuple[dict, dict]:
     return {k: v for k, v in cache.items() if k != "key"}, {"key": cache["key"]}
 
 
-def _generation(cfg: model.GPT2Config, shapes: model.Shapes, weights: str, upcast) -> dict[str, stateful.Entry]:
-    """prefill, decode_<W>, seed and get_state, reading the weights from state
-    group `weights` and computing in float32 (`upcast` turns the stored
-    weights into float32)."""
+def _generation(cfg: model.GPT2Config, shapes: model.Shapes, weights: tuple[str, ...], network) -> dict[str, stateful.Entry]:
+    """prefill, decode_<W>, seed and get_state, reading the weights from the
+    state groups `weights` and computing in float32 with `network(*those
+    groups)`: the weights as model.py takes them."""
     B, K = shapes.batch, shapes.prompt_len
     sampling = (jax.ShapeDtypeStruct((B,), jnp.float32), _i32(B), jax.ShapeDtypeStruct((B,), jnp.float32))
+    n = len(weights)
 
-    def prefill(stored, cache, rng, chunk, lengths, starts, temperature, top_k, top_p):
-        new, token = model.prefill(upcast(stored), cfg, shapes, cache | rng, chunk, lengths, starts,
+    def prefill(*args):
+        (cache, rng, chunk, lengths, starts, temperature, top_k, top_p) = args[n:]
+        new, token = model.prefill(network(*args[:n]), cfg, shapes, cache | rng, chunk, lengths, starts,
                                    (temperature, top_k, top_p))
         return _split(new), token[:, None]
 
     def decoder(window: int):
-        def decode(stored, cache, rng, active, temperature, top_k, top_p):
-            new, token = model.decode(upcast(stored), cfg, shapes, cache | rng, window, active,
+        def decode(*args):
+            cache, rng, active, temperature, top_k, top_p = args[n:]
+            new, token = model.decode(network(*args[:n]), cfg, shapes, cache | rng, window, active,
                                       (temperature, top_k, top_p))
             return _split(new), token[:, None]
         return decode
@@ -101,7 +104,7 @@ def _generation(cfg: model.GPT2Config, shapes: model.Shapes, weights: str, upcas
     def seed(rng, seeds, rows):
         return ({"key": model.reseeded(rng["key"], seeds, rows)},), ()
 
-    state = (weights, "cache", "rng")
+    state = (*weights, "cache", "rng")
     table = {
         "prefill": stateful.Entry("prefill", prefill, (_i32(B, K), _i32(B), _i32(B), *sampling),
                                   reads=state, writes=("cache", "rng")),
@@ -119,24 +122,43 @@ def _avals(tree):
     return jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v), v.dtype), tree)
 
 
-def entries(cfg: model.GPT2Config, shapes: model.Shapes, optimizer: str, params) -> list[stateful.Entry]:
-    """The entry points of `@gpt2`, in `functions` order."""
+def _upcast(weights: dict) -> dict:
+    return {k: w.astype(jnp.float32) for k, w in weights.items()}
+
+
+def _half(params: dict) -> dict:
+    return {k: jax.ShapeDtypeStruct(np.shape(v), GENERATE_DTYPE) for k, v in params.items()}
+
+
+def entries(cfg: model.GPT2Config, shapes: model.Shapes, optimizer: str, params,
+            tuning: lora.Lora | None = None) -> list[stateful.Entry]:
+    """The entry points of `@gpt2`, in `functions` order. `params` are what
+    finetune trains: every weight, or with `tuning` the LoRA adapters, read
+    with the float16 `base` group that no entry writes."""
     B, S = shapes.batch, shapes.seq_len
     opt_state = jax.eval_shape(model.make_optimizer(optimizer).init, params)
     batch = (_i32(B, S), _i32(B, S), _i32(B))
+    frozen = ("base",) if tuning else ()
 
-    def finetune(params, opt_state, text, target, lengths, learning_rate):
+    def network(*groups):
+        """The frozen groups and the trained params -> the weights model.py computes with."""
+        return lora.network(_upcast(groups[0]), groups[1], tuning) if tuning else groups[0]
+
+    def finetune(*args):
+        *frozen_groups, params, opt_state, text, target, lengths, learning_rate = args
         params, opt_state, loss = model.train_step(
             params, opt_state, cfg, model.make_optimizer(optimizer, for_iree=True), text, target, lengths,
-            learning_rate)
+            learning_rate, network=lambda trained: network(*frozen_groups, trained))
         return (params, opt_state), loss
 
-    table = _generation(cfg, shapes, "params", lambda params: params) | {
+    def eval_loss(*args):
+        return (), model.loss_fn(network(*args[:len(frozen) + 1]), cfg, *args[len(frozen) + 1:])
+
+    table = _generation(cfg, shapes, (*frozen, "params"), network) | {
         "finetune": stateful.Entry("finetune", finetune,
                                    (*batch, jax.ShapeDtypeStruct((), jnp.float32)),
-                                   reads=("params", "opt"), writes=("params", "opt")),
-        "eval_loss": stateful.Entry("eval_loss", lambda params, *args: ((), model.loss_fn(params, cfg, *args)),
-                                    batch, reads=("params",)),
+                                   reads=(*frozen, "params", "opt"), writes=("params", "opt")),
+        "eval_loss": stateful.Entry("eval_loss", eval_loss, batch, reads=(*frozen, "params")),
         "get_params": stateful.Entry("get_params", lambda params: ((), params), reads=("params",)),
         "set_params": stateful.Entry("set_params", lambda new: ((new,), ()), (_avals(params),), writes=("params",)),
         # A checkpoint holds the optimizer's state, so that a resumed run takes
@@ -148,8 +170,9 @@ def entries(cfg: model.GPT2Config, shapes: model.Shapes, optimizer: str, params)
     return [table[name] for name in functions(shapes)]
 
 
-def initial_state(cfg: model.GPT2Config, shapes: model.Shapes, optimizer: str, params) -> dict:
+def initial_state(cfg: model.GPT2Config, shapes: model.Shapes, optimizer: str, params, base=None) -> dict:
     return {
+        **({"base": _half(base)} if base is not None else {}),
         "params": params,
         **generation_state(cfg, shapes),
         "opt": model.make_optimizer(optimizer).init(params),
@@ -163,10 +186,14 @@ def opt_state_layout(optimizer: str, params) -> list[list]:
     return [[jax.tree_util.keystr(path), list(np.shape(leaf)), np.dtype(leaf.dtype).name] for path, leaf in leaves]
 
 
-def export_mlir(cfg: model.GPT2Config, shapes: model.Shapes, optimizer: str, params) -> str:
-    """The text of `@gpt2`. Only the shapes of `params` matter here."""
-    state = initial_state(cfg, shapes, optimizer, params)
-    return stateful.build_module(MODULE_NAME, state, "params", entries(cfg, shapes, optimizer, params))
+def export_mlir(cfg: model.GPT2Config, shapes: model.Shapes, optimizer: str, params,
+                tuning: lora.Lora | None = None, base=None) -> str:
+    """The text of `@gpt2`. Only the shapes of `params` (and `base`) matter here.
+    With `tuning`, `params` are the adapters and `base` the frozen weights,
+    read from their float16 archive."""
+    state = initial_state(cfg, shapes, optimizer, params, base)
+    groups = ("base", "params") if tuning else ("params",)
+    return stateful.build_module(MODULE_NAME, state, groups, entries(cfg, shapes, optimizer, params, tuning))
 
 
 def export_generate_mlir(cfg: model.GPT2Config, shapes: model.Shapes, params) -> str:
@@ -175,13 +202,10 @@ def export_generate_mlir(cfg: model.GPT2Config, shapes: model.Shapes, params) ->
     def to_half(params):
         return ({k: w.astype(GENERATE_DTYPE) for k, w in params.items()},), ()
 
-    def upcast(weights):
-        return {k: w.astype(jnp.float32) for k, w in weights.items()}
-
-    half = {k: jax.ShapeDtypeStruct(np.shape(v), GENERATE_DTYPE) for k, v in params.items()}
-    state = {"params": params, "weights": half, **generation_state(cfg, shapes)}
-    table = _generation(cfg, shapes, "weights", upcast)
-    return stateful.build_module(GENERATE_MODULE_NAME, state, "params", [table[n] for n in generate_functions(shapes)],
+    state = {"params": params, "weights": _half(params), **generation_state(cfg, shapes)}
+    table = _generation(cfg, shapes, ("weights",), _upcast)
+    return stateful.build_module(GENERATE_MODULE_NAME, state, ("params",),
+                                 [table[n] for n in generate_functions(shapes)],
                                  initializer=stateful.Entry("to_half", to_half, reads=("params",), writes=("weights",)))
 
 
@@ -199,19 +223,34 @@ def load_model(model_dir: Path | None, weights: str, shape: dict | None = None):
     return cfg, hf.load_hf_params(model_dir, cfg)
 
 
+BASE_ARCHIVE = "base.irpa"
+
+
 def export_build(out_dir: Path, name: str, cfg: model.GPT2Config, params: dict, shapes: model.Shapes,
-                 optimizer: str, weights: str, tokenizer: Path | None) -> None:
-    """Write gpt2.mlir, gpt2-generate.mlir, gpt2.irpa, tokenizer.json and manifest.json into `out_dir`.
+                 optimizer: str, weights: str, tokenizer: Path | None, tuning: lora.Lora | None = None) -> None:
+    """Write the build directory's inputs into `out_dir`: gpt2.mlir, gpt2.irpa
+    (what finetune trains), tokenizer.json and manifest.json; and
+    gpt2-generate.mlir, or with `tuning` (LoRA) base.irpa, the frozen weights
+    in float16, which its one module both tunes and generates on.
 
     The manifest is what the runtime reads to open the build, and what later
-    stages depend on instead of hashing the (large) archive again.
+    stages depend on instead of hashing the (large) archives again.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_text(out_dir / "gpt2.mlir", export_mlir(cfg, shapes, optimizer, params))
-    write_text(out_dir / "gpt2-generate.mlir", export_generate_mlir(cfg, shapes, params))
-    write_irpa(params, out_dir / "gpt2.irpa")
+    trained = lora.init_adapters(cfg, tuning) if tuning else params
+    write_text(out_dir / "gpt2.mlir", export_mlir(cfg, shapes, optimizer, trained, tuning, params if tuning else None))
+    if tuning:
+        write_irpa(params, out_dir / BASE_ARCHIVE, dtype=GENERATE_DTYPE)
+    else:
+        write_text(out_dir / "gpt2-generate.mlir", export_generate_mlir(cfg, shapes, params))
+    write_irpa(trained, out_dir / "gpt2.irpa")
     if tokenizer:
         replace_atomically(out_dir / "tokenizer.json", lambda tmp: shutil.copyfile(tokenizer, tmp))
+    modules = {"base": {"archive": BASE_ARCHIVE, "dtype": GENERATE_DTYPE.name,
+                        "params": [[k, list(params[k].shape)] for k in sorted(params)],
+                        "sha256": sha256_file(out_dir / BASE_ARCHIVE)}} if tuning else {
+        "generate": {"module": GENERATE_MODULE_NAME, "functions": generate_functions(shapes),
+                     "weights_dtype": GENERATE_DTYPE.name}}
     write_json(out_dir / "manifest.json", {
         "model": name,
         "config": dataclasses.asdict(cfg),
@@ -220,13 +259,13 @@ def export_build(out_dir: Path, name: str, cfg: model.GPT2Config, params: dict, 
         "cache_len": shapes.cache_len,
         "optimizer": optimizer,
         "weights": weights,
+        "tuning": tuning.as_manifest() if tuning else {"mode": "full"},
         "functions": functions(shapes),
-        "generate": {"module": GENERATE_MODULE_NAME, "functions": generate_functions(shapes),
-                     "weights_dtype": GENERATE_DTYPE.name},
+        **modules,
         # get_params/set_params order: JAX flattens a dict in sorted key order.
-        "params": [[k, list(params[k].shape)] for k in sorted(params)],
+        "params": [[k, list(trained[k].shape)] for k in sorted(trained)],
         # get_opt_state/set_opt_state order: the optimizer state's leaves, as JAX flattens them.
-        "opt_state": opt_state_layout(optimizer, params),
+        "opt_state": opt_state_layout(optimizer, trained),
         "state": state_names(cfg, shapes),
         "irpa_sha256": sha256_file(out_dir / "gpt2.irpa"),
         "tokenizer": "tokenizer.json" if tokenizer else None,
@@ -234,11 +273,13 @@ def export_build(out_dir: Path, name: str, cfg: model.GPT2Config, params: dict, 
 
 
 def build(out_dir: Path, name: str, model_dir: Path | None, weights: str, shape: dict | None,
-          shapes: dict, optimizer: str) -> None:
-    """The export stage: load the model and write the build directory's inputs."""
+          shapes: dict, optimizer: str, tuning: dict | None = None) -> None:
+    """The export stage: load the model and write the build directory's inputs.
+    `tuning` is None to train every weight, or LoRA's rank, alpha and targets."""
     cfg, params = load_model(model_dir, weights, shape)
     for var in ("context", "seq_len"):
         if shapes[var] > cfg.n_positions:
             raise ValueError(f"{var}={shapes[var]} exceeds the model's {cfg.n_positions} positions")
     tokenizer = Path(model_dir) / "tokenizer.json" if model_dir else None
-    export_build(Path(out_dir), name, cfg, params, model.Shapes(**shapes), optimizer, weights, tokenizer)
+    export_build(Path(out_dir), name, cfg, params, model.Shapes(**shapes), optimizer, weights, tokenizer,
+                 lora.Lora(tuning["rank"], tuning["alpha"], tuple(tuning["targets"])) if tuning else None)

@@ -165,19 +165,35 @@ def _attend(q, k, v, visible):
     return jnp.einsum("bhts,bshq->bthq", jax.nn.softmax(scores, axis=-1), v)
 
 
+# A LoRA adapter of weight `name` (out, in) is two more entries of the params:
+# `name + LORA_A` (rank, in) and `name + LORA_B` (out, rank), B already scaled
+# by alpha / rank (lora.py), so the weight the layer computes with is W + B @ A.
+LORA_A, LORA_B = ".lora_a", ".lora_b"
+
+
+def _linear(params, name, x):
+    """x (..., in) times weight `name` (out, in), plus its LoRA adapter if the
+    params carry one: as (x A^T) B^T, never forming B @ A, so the frozen weight
+    is read as it is stored and the adapter costs 2 * rank * (in + out) flops a token."""
+    y = jnp.einsum("...e,fe->...f", x, params[name])
+    if name + LORA_A in params:
+        y = y + jnp.einsum("...r,fr->...f", jnp.einsum("...e,re->...r", x, params[name + LORA_A]),
+                           params[name + LORA_B])
+    return y
+
+
 def _block(params, i, cfg, x, attend):
     """One transformer block. `attend(layer, q, k, v)` supplies the attention
     context, so prefill, decode and training share every other line."""
     p = lambda name: params[f"h.{i}.{name}"]  # noqa: E731
+    linear = lambda w, x: _linear(params, f"h.{i}.{w}_w", x) + p(f"{w}_b")  # noqa: E731
     (B, T, E), H, Q = x.shape, cfg.n_head, cfg.head_dim
     h = _layer_norm(x, p("ln_1.scale"), p("ln_1.bias"), cfg.layer_norm_epsilon)
-    qkv = jnp.einsum("bte,fe->btf", h, p("attn.qkv_w")) + p("attn.qkv_b")
-    q, k, v = jnp.moveaxis(qkv.reshape(B, T, 3, H, Q), 2, 0)
+    q, k, v = jnp.moveaxis(linear("attn.qkv", h).reshape(B, T, 3, H, Q), 2, 0)
     a = attend(i, q, k, v)
-    x = x + jnp.einsum("bte,fe->btf", a.reshape(B, T, E), p("attn.out_w")) + p("attn.out_b")
+    x = x + linear("attn.out", a.reshape(B, T, E))
     h = _layer_norm(x, p("ln_2.scale"), p("ln_2.bias"), cfg.layer_norm_epsilon)
-    h = _gelu(jnp.einsum("bte,fe->btf", h, p("mlp.in_w")) + p("mlp.in_b"))
-    return x + jnp.einsum("btf,ef->bte", h, p("mlp.out_w")) + p("mlp.out_b")
+    return x + linear("mlp.out", _gelu(linear("mlp.in", h)))
 
 
 def _logits(params, cfg, x):
@@ -448,9 +464,11 @@ def loss_fn(params, cfg: GPT2Config, text, target, lengths):
 
 
 def train_step(params, opt_state, cfg: GPT2Config, optimizer: optax.GradientTransformation,
-               text, target, lengths, learning_rate):
-    """One step of `optimizer` (a `make_optimizer`) -> (params, opt_state, loss before the step)."""
-    loss, grads = jax.value_and_grad(loss_fn)(params, cfg, text, target, lengths)
+               text, target, lengths, learning_rate, network=lambda params: params):
+    """One step of `optimizer` (a `make_optimizer`) on the trained `params` ->
+    (params, opt_state, loss before the step). `network` maps them to the
+    weights the model computes with: LoRA's adapters to the frozen base plus them."""
+    loss, grads = jax.value_and_grad(lambda p: loss_fn(network(p), cfg, text, target, lengths))(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     updates = jax.tree.map(lambda u: learning_rate * u, updates)
     return optax.apply_updates(params, updates), opt_state, loss

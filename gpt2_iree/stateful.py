@@ -113,13 +113,13 @@ def _rename_into(text: str, prefix: str, ctx) -> list[str]:
     return [str(op) for op in funcs]
 
 
-def build_module(module_name: str, state: dict[str, Any], param_group: str, entries: list[Entry],
+def build_module(module_name: str, state: dict[str, Any], param_groups: tuple[str, ...], entries: list[Entry],
                  initializer: Entry | None = None) -> str:
     """The MLIR text of one module holding `state` as globals and `entries` as functions.
 
     `state` maps group name -> pytree of initial values (or of their shapes and
-    dtypes). The group named `param_group` must be a flat dict; its globals are
-    read from the parameter archive under the dict's keys. `initializer`, an
+    dtypes). The groups named in `param_groups` must be flat dicts; their
+    globals are read from the parameter archives under the dicts' keys. `initializer`, an
     entry without arguments or result, runs once when the module loads and
     computes the groups it writes from those it reads. Every other group starts
     as the splat of its initial values (the KV cache and optimizer state start
@@ -145,7 +145,7 @@ def build_module(module_name: str, state: dict[str, Any], param_group: str, entr
             name = _global_name(group, path)
             if group in computed:
                 init = ""
-            elif group == param_group:
+            elif group in param_groups:
                 init = f' = #flow.parameter.named<"{PARAMETER_SCOPE}"::"{path[0].key}">'
             else:
                 init = f" = {_splat(leaf)}"

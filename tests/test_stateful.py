@@ -21,7 +21,7 @@ STEP = stateful.Entry("step", lambda half, acc: (({"total": acc["total"] + half[
 
 
 def test_state_computed_at_load_is_constant_and_state_written_by_calls_is_kept(tmp_path):
-    text = stateful.build_module("m", STATE, "params", [STEP], initializer=DOUBLE)
+    text = stateful.build_module("m", STATE, ("params",), [STEP], initializer=DOUBLE)
     # Only what an entry writes is mutable; the rest is constant once loaded.
     assert 'util.global private @params_w = #flow.parameter.named<"model"::"w"> : tensor<4xf32>' in text
     assert "util.global private @half_w : tensor<4xf16>" in text
@@ -50,11 +50,11 @@ def test_state_computed_at_load_is_constant_and_state_written_by_calls_is_kept(t
 def test_a_group_written_at_load_and_by_a_call_is_refused():
     writes_half = stateful.Entry("overwrite", lambda half: ((half,), ()), reads=("half",), writes=("half",))
     with pytest.raises(ValueError, match=r"written both at load and by an entry: \['half'\]"):
-        stateful.build_module("m", STATE, "params", [writes_half], initializer=DOUBLE)
+        stateful.build_module("m", STATE, ("params",), [writes_half], initializer=DOUBLE)
 
 
 def test_an_initializer_takes_no_arguments():
     with_argument = stateful.Entry("double", lambda params, x: ((params,), ()), (np.zeros(1, np.float32),),
                                    reads=("params",), writes=("half",))
     with pytest.raises(ValueError, match="takes no arguments and returns no result"):
-        stateful.build_module("m", STATE, "params", [STEP], initializer=with_argument)
+        stateful.build_module("m", STATE, ("params",), [STEP], initializer=with_argument)
