@@ -29,15 +29,16 @@ def write_irpa(arrays: dict, path: Path, dtype: np.dtype | None = np.float32) ->
     replace_atomically(Path(path), lambda tmp: index.create_archive_file(str(tmp)))
 
 
-def load_index(path: Path, **options):
-    """The ParameterIndex of the archive at `path` (`options`: ParameterIndex.load's).
+def load_index(path: Path, index=None, **options):
+    """The ParameterIndex of the archive at `path` (`options`: ParameterIndex.load's),
+    or `index` with the archive's entries added.
 
     IREE's parser reports a truncated archive as an IndexError, other damage as
     a ValueError or RuntimeError; each becomes one ArchiveError naming the file.
     """
     import iree.runtime as rt
 
-    index = rt.ParameterIndex()
+    index = rt.ParameterIndex() if index is None else index
     try:
         index.load(str(path), **options)
     except (IndexError, RuntimeError, ValueError) as err:

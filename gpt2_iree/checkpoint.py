@@ -50,8 +50,12 @@ class Checkpoint:
 
 def build_identity(manifest: dict) -> dict:
     """What a checkpoint must share with the build that resumes it: the same
-    model, shapes and optimizer (so the same weights and optimizer state)."""
-    return {key: manifest[key] for key in ("config", "shapes", "optimizer")}
+    model, shapes and optimizer (so the same weights and optimizer state); a
+    LoRA build's adapters also the same LoRA and the same frozen base."""
+    identity = {key: manifest[key] for key in ("config", "shapes", "optimizer")}
+    if "base" in manifest:
+        identity |= {"tuning": manifest["tuning"], "base_sha256": manifest["base"]["sha256"]}
+    return identity
 
 
 def holds_checkpoint(directory: Path) -> bool:
@@ -98,7 +102,7 @@ def load(directory: Path, manifest: dict) -> Checkpoint:
                               f"this version reads format {FORMAT}")
     if record.get("build") != build_identity(manifest):
         raise CheckpointError(f"--resume {directory}: the checkpoint was made with another build "
-                              f"(model, shapes or optimizer differ from this one's)")
+                              f"(model, shapes, optimizer or LoRA base differ from this one's)")
     for kind in ARCHIVES:
         path = directory / files[kind]["name"]
         if not path.is_file() or path.stat().st_size != files[kind]["bytes"] or \

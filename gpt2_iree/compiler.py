@@ -19,12 +19,13 @@ class CompileError(Gpt2IreeError):
     pass
 
 
-def compile_module(compiler: str, mlir: Path, target: Target, vmfb: Path, log: Path, generation: bool = False) -> None:
+def compile_module(compiler: str, mlir: Path, target: Target, vmfb: Path, log: Path, generation: bool = False,
+                   lora: bool = False) -> None:
     """Compile `mlir` into `vmfb` (with `generation`, as the target's generation
-    module); on failure raise with the log's tail. The unfinished output is
-    removed whatever happens."""
+    module; with `lora`, as a LoRA build's module); on failure raise with the
+    log's tail. The unfinished output is removed whatever happens."""
     def compile_to(tmp: Path) -> None:
-        cmd = compile_command(compiler, target, mlir, tmp, generation)
+        cmd = compile_command(compiler, target, mlir, tmp, generation, lora)
         with open(log, "w") as log_file:
             log_file.write(shlex.join(cmd) + "\n")
             log_file.flush()
@@ -37,24 +38,27 @@ def compile_module(compiler: str, mlir: Path, target: Target, vmfb: Path, log: P
     replace_atomically(vmfb, compile_to)
 
 
-def compile_target(compiler: str, build_dir: Path, target: Target) -> None:
+def compile_target(compiler: str, build_dir: Path, target: Target, lora: bool = False) -> None:
     """`compiler` (an iree-compile) builds the target's whole module from
     gpt2.mlir and, where the target has one, its generation module from
     gpt2-generate.mlir, side by side: one iree-compile keeps about one of this
-    machine's two cores busy."""
+    machine's two cores busy. A `lora` build has one module (the target's
+    `lora_flags`)."""
     build_dir = Path(build_dir)
 
     def build(mlir: str, generation: bool) -> None:
         vmfb = vmfb_name(target.name, generation)
-        compile_module(compiler, build_dir / mlir, target, build_dir / vmfb, build_dir / log_name(vmfb), generation)
+        compile_module(compiler, build_dir / mlir, target, build_dir / vmfb, build_dir / log_name(vmfb), generation,
+                       lora)
 
-    jobs = [("gpt2.mlir", False)] + ([("gpt2-generate.mlir", True)] if target.has_generation_module else [])
+    jobs = [("gpt2.mlir", False)] + \
+        ([("gpt2-generate.mlir", True)] if target.has_generation_module and not lora else [])
     with ThreadPoolExecutor(len(jobs)) as pool:
         futures = [pool.submit(build, *job) for job in jobs]
     for future in futures:
         future.result()
 
 
-def compile_for(toolchain_json: Path, build_dir: Path, target_name: str) -> None:
+def compile_for(toolchain_json: Path, build_dir: Path, target_name: str, lora: bool = False) -> None:
     """The compile stage: `compile_target` with the toolchain's iree-compile."""
-    compile_target(read_record(toolchain_json)["iree_compile"], build_dir, get_target(target_name))
+    compile_target(read_record(toolchain_json)["iree_compile"], build_dir, get_target(target_name), lora)

@@ -17,7 +17,7 @@ such a device the first call failed. Here nothing depends on that import:
 * an archive is mapped on the CPU, whose local devices take any host memory
   and use it in place; streamed into device buffers on Vulkan, whose driver
   reads it with an async file handle; and copied into a page-aligned arena on
-  any other device (`index_of_archive`).
+  any other device (`index_of_archives`).
 """
 
 from __future__ import annotations
@@ -102,15 +102,18 @@ def index_of_weights(weights: dict[str, np.ndarray]) -> tuple[object, dict[str, 
     return index, placed
 
 
-def index_of_archive(path: Path, driver: str):
-    """A ParameterIndex over the archive at `path`, read the way `driver` takes it
-    (ARCHIVE_LOADING). Raises archive.ArchiveError if it is no whole archive."""
+def index_of_archives(paths: list[Path], driver: str):
+    """One ParameterIndex over the archives at `paths`, read the way `driver`
+    takes them (ARCHIVE_LOADING). Raises archive.ArchiveError if one is no
+    whole archive."""
     import iree.runtime as rt
 
     from gpt2_iree.archive import load_index
 
+    index = rt.ParameterIndex()
+    for path in paths:
+        load_index(path, index, **ARCHIVE_LOADING.get(driver, {"mmap": True}))
     if driver in ARCHIVE_LOADING:
-        return load_index(path, **ARCHIVE_LOADING[driver])
-    index = load_index(path, mmap=True)
+        return index
     return index_of_weights({key: rt.parameter_index_entry_as_numpy_flat_ndarray(entry)
                              for key, entry in index.items()})[0]

@@ -121,25 +121,32 @@ class Module:
         return self.build_dir / vmfb_name(target, self.generation)
 
     def _load_params(self, path: Path):
-        """The archive's index, refused if it does not fit the module."""
+        """One index over the archive at `path` and, in a LoRA build, the
+        frozen base's archive beside the module; refused if one does not fit it."""
+        from gpt2_iree.archive import load_index
+
         if not path.is_file():
             raise BuildError(f"parameter archive {path} does not exist")
-        index = device_memory.index_of_archive(path, self.device)
-        self._check_sizes({key: entry.length for key, entry in index.items()}, f"{path} does")
-        return index
+        archives = [(path, _byte_sizes(self.manifest["params"], np.float32))]
+        if "base" in self.manifest:
+            base = self.manifest["base"]
+            archives.append((self.build_dir / base["archive"], _byte_sizes(base["params"], base["dtype"])))
+        for archive, expected in archives:
+            self._check_sizes({key: entry.length for key, entry in load_index(archive).items()}, expected,
+                              f"{archive} does")
+        return device_memory.index_of_archives([archive for archive, _ in archives], self.device)
 
     def _index_of(self, weights: dict[str, np.ndarray]):
         """An index of a page-aligned copy of float32 `weights` and that copy,
         refused if they do not fit the module."""
         self._check_sizes({k: v.nbytes if v.dtype == np.float32 else -1 for k, v in weights.items()},
-                          "the weights given do")
+                          _byte_sizes(self.manifest["params"], np.float32), "the weights given do")
         return device_memory.index_of_weights(weights)
 
-    def _check_sizes(self, sizes: dict[str, int], subject: str) -> None:
-        """Refuse weights whose keys or byte sizes differ from the module's here,
-        before IREE fails on them somewhere deep inside the first call;
-        `subject` names them in the message ("x.irpa does")."""
-        expected = {name: 4 * int(np.prod(shape)) for name, shape in self.manifest["params"]}
+    def _check_sizes(self, sizes: dict[str, int], expected: dict[str, int], subject: str) -> None:
+        """Refuse weights whose keys or byte sizes differ from the module's
+        (`expected`), before IREE fails on them somewhere deep inside the first
+        call; `subject` names them in the message ("x.irpa does")."""
         missing = sorted(set(expected) - set(sizes))
         extra = sorted(set(sizes) - set(expected))
         wrong = sorted(k for k in set(expected) & set(sizes) if sizes[k] != expected[k])
@@ -194,6 +201,17 @@ class Module:
             weights = {name: value.copy() for name, value in self._weights.items()}  # float32, checked at open
         return {name: weights[name].reshape(shape) for name, shape in self.manifest["params"]}
 
+    def base_weights(self) -> dict[str, np.ndarray] | None:
+        """A LoRA build's frozen weights as float32 (from their float16 archive),
+        shaped: what the module adds the adapters to. None for a full build."""
+        from gpt2_iree.archive import read_irpa
+
+        if "base" not in self.manifest:
+            return None
+        base = self.manifest["base"]
+        weights = read_irpa(self.build_dir / base["archive"], np.dtype(base["dtype"]))
+        return {name: weights[name].astype(np.float32).reshape(shape) for name, shape in base["params"]}
+
     def get_params(self) -> dict[str, np.ndarray]:
         values = self.functions.get_params()
         return {name: self._host(v) for (name, _), v in zip(self.manifest["params"], values, strict=True)}
@@ -216,6 +234,11 @@ class Module:
     def get_state(self) -> dict[str, np.ndarray]:
         values = self.functions.get_state()
         return {name: self._host(v) for name, v in zip(self.manifest["state"], values, strict=True)}
+
+
+def _byte_sizes(layout: list, dtype) -> dict[str, int]:
+    """name -> bytes of each [name, shape] of a manifest's layout, stored as `dtype`."""
+    return {name: np.dtype(dtype).itemsize * int(np.prod(shape)) for name, shape in layout}
 
 
 def _int32(*arrays) -> list[np.ndarray]:

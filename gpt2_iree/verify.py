@@ -174,13 +174,22 @@ def check_parity(module, seed: int = 0) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from gpt2_iree import model
+    from gpt2_iree import lora, model
 
     manifest = module.manifest
     cfg = model.GPT2Config(**manifest["config"])
     B, S = manifest["shapes"]["batch"], manifest["shapes"]["seq_len"]
+    tuning = lora.from_manifest(manifest)
+    base = {name: jnp.asarray(v) for name, v in (module.base_weights() or {}).items()}
+
+    def network(trained, base=base):
+        """What the model computes with: every weight, or the frozen base plus adapters."""
+        return lora.network(base, trained, tuning) if tuning else trained
+
     params = {name: jnp.asarray(v) for name, v in module.archive_weights().items()}
-    generation = _check_generation(module, params, seed)
+    # Fresh adapters change nothing (B is zero): a LoRA build's generation is
+    # checked after fine-tuning, on the adapters the module then holds.
+    generation = None if tuning else _check_generation(module, params, seed)
 
     rng = np.random.default_rng(seed + 1)
     text = rng.integers(0, cfg.vocab_size, (B, S), dtype=np.int32)
@@ -188,11 +197,13 @@ def check_parity(module, seed: int = 0) -> dict:
     text_lengths = np.array([max(1, S - 1 - b) for b in range(B)], np.int32)
     optimizer = model.make_optimizer(manifest["optimizer"])
     opt_state = optimizer.init(params)
-    step = jax.jit(lambda p, o, lr: model.train_step(p, o, cfg, optimizer, text, target, text_lengths, lr))
+    # The base is an argument, not a constant that XLA would fold for seconds.
+    step = jax.jit(lambda p, o, b, lr: model.train_step(p, o, cfg, optimizer, text, target, text_lengths, lr,
+                                                        network=lambda trained: network(trained, b)))
     losses, ref_losses = [], []
     for _ in range(FINETUNE_STEPS):
         losses.append(module.finetune(text, target, text_lengths, LEARNING_RATE))
-        params, opt_state, loss = step(params, opt_state, np.float32(LEARNING_RATE))
+        params, opt_state, loss = step(params, opt_state, base, np.float32(LEARNING_RATE))
         ref_losses.append(float(loss))
     tuned = module.get_params()
     names = sorted(params)
@@ -208,14 +219,18 @@ def check_parity(module, seed: int = 0) -> dict:
     opt_err = relative_error(*(np.concatenate([np.ravel(v).astype(np.float64) for v in leaves] or [np.zeros(0)])
                                for leaves in (module_opt.values(), jax.tree.leaves(opt_state))))
     eval_err = relative_error(module.eval_loss(text, target, text_lengths),
-                              model.loss_fn(params, cfg, text, target, text_lengths))
+                              model.loss_fn(network(params), cfg, text, target, text_lengths))
+    resumed = _resumed_step_error(module, tuned, module_opt, (text, target, text_lengths))
+    if tuning:
+        generation = _check_generation(module, network({k: jnp.asarray(v) for k, v in module.get_params().items()}),
+                                       seed)
 
     errors = generation["relative_errors"] | {
         "finetune_loss": max(relative_error(a, b) for a, b in zip(losses, ref_losses)),
         "finetune_params": params_err,
         "opt_state": opt_err,
         "eval_loss": eval_err,
-        "resumed_step": _resumed_step_error(module, tuned, module_opt, (text, target, text_lengths)),
+        "resumed_step": resumed,
     }
     return generation | {
         "kind": "parity",
@@ -339,7 +354,7 @@ def verify_build(build_dir: Path, target_name: str, report_path: Path, toolchain
             return parity(generation, target.runtime_driver, target_name)
     elif target.gpu and "vulkan" in have and "vulkan-spirv" in record["target_backends"]:
         stand_in = targets.on_vulkan(target)
-        compiler.compile_target(record["iree_compile"], build_dir, stand_in)
+        compiler.compile_target(record["iree_compile"], build_dir, stand_in, lora="base" in build_manifest)
 
         def check(generation: bool) -> dict:
             shape = structure(generation)
@@ -350,7 +365,7 @@ def verify_build(build_dir: Path, target_name: str, report_path: Path, toolchain
         check = structure
 
     report = check(generation=False)
-    if target.has_generation_module:
+    if "generate" in build_manifest and target.has_generation_module:
         report["generation"] = check(generation=True)
         report["passed"] = report["passed"] and report["generation"]["passed"]
     report["target"] = target_name

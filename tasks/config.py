@@ -31,6 +31,8 @@ WEIGHTS = ("pretrained", "random")
 OPTIMIZERS = ("adafactor", "sgd", "adamw")  # gpt2_iree.model.OPTIMIZERS, without importing jax
 DEFAULT_TARGETS = ("metal", "ios", "cpu")
 TOOLCHAINS = ("wheel", "source")
+TUNINGS = ("full", "lora")
+LORA_TARGETS = ("attn", "mlp")  # gpt2_iree.lora.TARGETS, without importing jax
 
 # name -> (default, one-line help); `doit help` users read this table too.
 VARS = {
@@ -41,7 +43,11 @@ VARS = {
     "prompt_len": ("64", "prefill chunk: prompt tokens per prefill call, at most context"),
     "context": ("", "KV cache positions: the longest prompt plus completion (default: the model's n_positions)"),
     "seq_len": ("128", "fine-tuning window in tokens, at most the model's n_positions"),
-    "optimizer": ("adafactor", " | ".join(OPTIMIZERS)),
+    "optimizer": ("", f"{' | '.join(OPTIMIZERS)} (default: adafactor; with tuning=lora, adamw)"),
+    "tuning": ("full", "full (fine-tune every weight) | lora (adapters on a frozen float16 base, one module)"),
+    "lora_rank": ("8", "tuning=lora: the adapters' rank"),
+    "lora_alpha": ("16", "tuning=lora: the adapters' alpha (they are scaled by alpha / rank)"),
+    "lora_targets": ("attn", "tuning=lora: attn (q/k/v and attention output) | mlp (both MLP matrices) | attn,mlp"),
     "hf_endpoint": ("", "Hugging Face mirror URL (or env GPT2_IREE_HF_ENDPOINT)"),
     "toolchain": ("wheel", f"{' | '.join(TOOLCHAINS)} (IREE built from iree_repo at iree_ref)"),
     "iree_repo": ("", f"toolchain=source: git URL or local clone of IREE (default {source_build.DEFAULT_REPO})"),
@@ -62,6 +68,8 @@ class BuildConfig:
     optimizer: str
     hf_endpoint: str | None
     toolchain: str = "wheel"
+    # tuning=lora: {"rank", "alpha", "targets"}; None fine-tunes every weight.
+    lora: dict | None = None
     iree_repo: str | None = None  # toolchain=source only, as are iree_ref
     iree_ref: str | None = None
 
@@ -106,6 +114,8 @@ class BuildConfig:
         """Also keys the toolchain: a source build's outputs (and doit state) are
         never taken for the wheels', so switching back and forth finds both up to date."""
         key = f"{self.weights}-b{self.batch}-k{self.prompt_len}-c{self.context}-s{self.seq_len}-{self.optimizer}"
+        if self.lora:
+            key += f"-lora-r{self.lora['rank']}-a{self.lora['alpha']:g}-{'+'.join(self.lora['targets'])}"
         return key if self.toolchain == "wheel" else f"{key}-{self.toolchain}"
 
     @property
@@ -154,6 +164,33 @@ def _n_positions(model: str) -> int:
         raise ValueError(f"model={model}: config.json has no readable n_positions ({err})") from None
 
 
+def _positive_number(name: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{name}={text!r} is invalid; valid: a positive number")
+    return value
+
+
+def _lora(values: dict, raw: dict) -> dict | None:
+    """LoRA's settings of tuning=lora, else None; lora_* vars given (`raw`) to
+    tuning=full are a mistake, not something to ignore."""
+    given = [f"{name}={raw[name]}" for name in ("lora_rank", "lora_alpha", "lora_targets") if name in raw]
+    if _choice("tuning", values["tuning"], TUNINGS) == "full":
+        if given:
+            raise ValueError(f"{' '.join(given)} applies to tuning=lora only; add tuning=lora")
+        return None
+    targets = [t.strip() for t in values["lora_targets"].split(",") if t.strip()]
+    if not targets or any(t not in LORA_TARGETS for t in targets):
+        raise ValueError(f"lora_targets={values['lora_targets']!r} is invalid; valid: attn, mlp or attn,mlp")
+    return {"rank": _positive_int("lora_rank", values["lora_rank"]),
+            "alpha": _positive_number("lora_alpha", values["lora_alpha"]),
+            # In one order whatever the order given: they name one configuration.
+            "targets": [t for t in LORA_TARGETS if t in targets]}
+
+
 def _choice(name: str, value: str, valid) -> str:
     if value not in valid:
         raise ValueError(f"{name}={value!r} is invalid; valid: {', '.join(valid)}")
@@ -180,6 +217,7 @@ def parse_config(raw: dict[str, str]) -> BuildConfig:
     prompt_len = _positive_int("prompt_len", values["prompt_len"], context, f"context={context}")
     seq_len = _positive_int("seq_len", values["seq_len"], positions, limit)
     toolchain = _choice("toolchain", values["toolchain"], TOOLCHAINS)
+    lora = _lora(values, raw)
     iree_repo = iree_ref = None
     if toolchain == "source":
         iree_repo = source_build.check_repo(values["iree_repo"] or source_build.DEFAULT_REPO)
@@ -196,7 +234,10 @@ def parse_config(raw: dict[str, str]) -> BuildConfig:
         prompt_len=prompt_len,
         context=context,
         seq_len=seq_len,
-        optimizer=_choice("optimizer", values["optimizer"], OPTIMIZERS),
+        # LoRA's B starts at zero, and Adafactor scales each step by the weight's
+        # size: B would barely move. AdamW's state for adapters is small.
+        optimizer=_choice("optimizer", values["optimizer"] or ("adamw" if lora else "adafactor"), OPTIMIZERS),
+        lora=lora,
         hf_endpoint=values["hf_endpoint"] or None,
         toolchain=toolchain,
         iree_repo=iree_repo,

@@ -10,21 +10,33 @@ from tasks.sources import library_sources
 # this stage writes): a change re-exports.
 ENTRY = "gpt2_iree.export:build"
 SOURCES = library_sources(ENTRY)
-OUTPUTS = ("gpt2.mlir", "gpt2-generate.mlir", "gpt2.irpa", "manifest.json")
+
+
+def mlir_outputs(lora: bool) -> tuple[str, ...]:
+    """The modules' MLIR an export writes: a LoRA build has one module."""
+    return ("gpt2.mlir",) if lora else ("gpt2.mlir", "gpt2-generate.mlir")
+
+
+def outputs(lora: bool) -> tuple[str, ...]:
+    """Everything an export writes but the tokenizer; a LoRA build's frozen
+    weights have their own (float16) archive."""
+    return (*mlir_outputs(lora), *(("base.irpa",) if lora else ()), "gpt2.irpa", "manifest.json")
 
 
 def task_export():
     """gpt2.mlir (encode, decode, finetune, eval_loss, get/set_params, get/set_opt_state) + gpt2.irpa + manifest.json"""
     cfg = load_config()
+    written = outputs(cfg.lora is not None)
     return {
         # The module is built with iree.compiler and the archive written with
         # iree.runtime: the toolchain's, so a source build exports with its own.
         "actions": [call_with_toolchain(cfg.toolchain_json, ENTRY, cfg.build_dir, cfg.model,
                                         cfg.model_dir if cfg.needs_assets else None, cfg.weights,
-                                        cfg.hub.shape() if cfg.hub else None, cfg.shapes(), cfg.optimizer)],
+                                        cfg.hub.shape() if cfg.hub else None, cfg.shapes(), cfg.optimizer, cfg.lora)],
         "file_dep": [*SOURCES, cfg.toolchain_json, *([cfg.assets_lock] if cfg.needs_assets else [])],
-        "targets": [cfg.build_dir / f for f in OUTPUTS],
+        "targets": [cfg.build_dir / f for f in written],
         "uptodate": [config_changed({"model": cfg.model, "revision": cfg.hub and cfg.hub.revision,
-                                     "weights": cfg.weights, "shapes": cfg.shapes(), "optimizer": cfg.optimizer})],
-        "clean": [(remove_outputs, [cfg.build_dir, [*OUTPUTS, "tokenizer.json"]])],
+                                     "weights": cfg.weights, "shapes": cfg.shapes(), "optimizer": cfg.optimizer,
+                                     **({"lora": cfg.lora} if cfg.lora else {})})],
+        "clean": [(remove_outputs, [cfg.build_dir, [*written, "tokenizer.json"]])],
     }
