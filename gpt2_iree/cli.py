@@ -107,23 +107,29 @@ def _first_words(session, corpus) -> str:
 
 def _check_finetune_outputs(args) -> None:
     """Every output path of `finetune`, before any work: none of the run's results is lost to a bad one."""
-    from gpt2_iree import checkpoint, models
+    from gpt2_iree import checkpoint, lora, models
+    from gpt2_iree.module import read_manifest
 
     for option, path in (("--out", args.out), ("--plot", args.plot), ("--json", args.json)):
         if path:
             check_output_file(option, path)
-    own_archive = (args.build_dir / "gpt2.irpa").resolve()
-    if args.out and args.out.resolve() == own_archive:
+    own_archives = {(args.build_dir / name).resolve() for name in ("gpt2.irpa", "base.irpa")}
+    if args.out and args.out.resolve() in own_archives:
         raise Gpt2IreeError(f"--out {args.out} is the build's own archive, its input; give another file")
-    if args.export_hf:
-        check_output_dir("--export-hf", args.export_hf)
-        # An export writes these three files: a directory holding others is someone else's.
-        others = sorted(p.name for p in args.export_hf.iterdir() if p.name not in models.MODEL_FILES) \
-            if args.export_hf.is_dir() else []
+    for option, out_dir, files in (("--export-hf", args.export_hf, models.MODEL_FILES),
+                                   ("--export-peft", args.export_peft, lora.PEFT_FILES)):
+        if not out_dir:
+            continue
+        check_output_dir(option, out_dir)
+        # An export writes these files: a directory holding others is someone else's.
+        others = sorted(p.name for p in out_dir.iterdir() if p.name not in files) if out_dir.is_dir() else []
         if others:
-            raise Gpt2IreeError(f"--export-hf {args.export_hf} holds files an export does not write "
+            raise Gpt2IreeError(f"{option} {out_dir} holds files an export does not write "
                                 f"({', '.join(others[:3])}{' ...' if len(others) > 3 else ''}); give an empty "
                                 f"or new directory, or a previous export")
+    if args.export_peft and not lora.from_manifest(read_manifest(args.build_dir)):
+        raise Gpt2IreeError(f"--export-peft: {args.build_dir} fine-tunes every weight, so it has no adapters; "
+                            f"build with `doit tuning=lora`, or use --export-hf")
     if args.checkpoint_dir:
         check_output_dir("--checkpoint-dir", args.checkpoint_dir)
         resumed_here = args.resume and args.resume.resolve() == args.checkpoint_dir.resolve()
@@ -136,6 +142,7 @@ def cmd_finetune(args) -> None:
     from tqdm import tqdm
 
     from gpt2_iree import checkpoint, corpus as corpora, finetuning
+    from gpt2_iree.lora import from_manifest
     from gpt2_iree.module import read_manifest
 
     if args.resume and args.params:
@@ -184,10 +191,14 @@ def cmd_finetune(args) -> None:
     # The weights first: nothing that runs after training may lose them.
     if args.out:
         session.save_params(args.out)
-        print(f"saved weights: {args.out} (use with --params)")
+        what = "adapters" if from_manifest(session.module.manifest) else "weights"
+        print(f"saved {what}: {args.out} (use with --params on this build)")
     if args.export_hf:
         session.export_hf(args.export_hf)
         print(f"saved Hugging Face model: {args.export_hf} (build it with `doit model={args.export_hf}`)")
+    if args.export_peft:
+        session.export_peft(args.export_peft)
+        print(f"saved PEFT adapter: {args.export_peft} (load it with peft.PeftModel.from_pretrained)")
     if plan.checkpoint_dir:
         print(f"saved checkpoint: {plan.checkpoint_dir} (go on with --resume {plan.checkpoint_dir} and more steps)")
     losses = run.history.train_loss
@@ -236,12 +247,14 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from gpt2_iree import bench
+    from gpt2_iree import bench, peers
 
     for option, path in (("--json", args.json), ("--plot", args.plot)):
         if path:
             check_output_file(option, path)
-    result = bench.run_benchmark(args.build_dir, args.device, repeats=args.repeats,
+    if args.peers and not peers.available():
+        raise Gpt2IreeError("--peers needs PyTorch, transformers and peft: pip install -e '.[peers]'")
+    result = bench.run_benchmark(args.build_dir, args.device, repeats=args.repeats, with_peers=args.peers,
                                  log=lambda line: print(line, file=sys.stderr))
     print(bench.format_table(result))
     if args.json:
@@ -320,7 +333,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=_positive_int, default=32)
     p.add_argument("--params", type=Path, help="start from these weights (.irpa)")
     p.add_argument("--out", type=Path, help="save the fine-tuned weights as .irpa")
-    p.add_argument("--export-hf", type=Path, help="save them as a Hugging Face GPT-2 directory")
+    p.add_argument("--export-hf", type=Path, help="save them as a Hugging Face GPT-2 directory (LoRA: merged)")
+    p.add_argument("--export-peft", type=Path, help="tuning=lora: save the adapters as a Hugging Face PEFT directory")
     p.add_argument("--plot", type=Path, help="save the loss curves as PNG")
     p.add_argument("--json", type=Path, help='save {"train_loss", "val_loss", "tokens_per_s"} as JSON')
     p.set_defaults(run=cmd_finetune)
@@ -331,6 +345,8 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", parents=[common], help="IREE vs jax.jit on the same weights and shapes")
     p.add_argument("--repeats", type=_positive_int, default=5)
+    p.add_argument("--peers", action="store_true",
+                   help="also PyTorch's fine-tuning step on the same shape (PEFT's LoRA for a LoRA build)")
     p.add_argument("--json", type=Path, help="write the numbers as JSON")
     p.add_argument("--plot", type=Path, help="write a PNG chart")
     p.set_defaults(run=cmd_bench)

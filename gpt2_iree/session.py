@@ -218,15 +218,36 @@ class Session:
         return run.history.train_loss
 
     def save_params(self, path: Path) -> None:
-        """Write the module's current weights as a `.irpa` (atomically)."""
+        """Write what the module trains as a `.irpa` (atomically): every weight,
+        or in a LoRA build only the adapters, which `params=` loads onto the same build."""
         from gpt2_iree.archive import write_irpa
 
         write_irpa(self.module.get_params(), Path(path))
 
+    def full_weights(self) -> dict[str, np.ndarray]:
+        """Every weight as the module computes with it, float32: in a LoRA
+        build the frozen base with the adapters merged in."""
+        from gpt2_iree import lora
+
+        tuning = lora.from_manifest(self.module.manifest)
+        trained = self.module.get_params()
+        return lora.merged(self.module.base_weights(), trained, tuning) if tuning else trained
+
     def export_hf(self, out_dir: Path) -> None:
-        """Write the current weights as a Hugging Face GPT-2 directory."""
+        """Write the current weights as a Hugging Face GPT-2 directory (merged, in a LoRA build)."""
         from gpt2_iree import model, weights
 
         cfg = model.GPT2Config(**self.module.manifest["config"])
-        weights.save_hf_model(self.module.get_params(), cfg, Path(out_dir),
+        weights.save_hf_model(self.full_weights(), cfg, Path(out_dir),
                               self.module.build_dir / self.module.manifest["tokenizer"])
+
+    def export_peft(self, out_dir: Path) -> None:
+        """Write a LoRA build's adapters as a Hugging Face PEFT adapter directory."""
+        from gpt2_iree import lora, model
+
+        tuning = lora.from_manifest(self.module.manifest)
+        if tuning is None:
+            raise BuildError(f"{self.module.build_dir} fine-tunes every weight, so it has no adapters to "
+                             f"export; build with `doit tuning=lora`")
+        lora.save_peft(self.module.get_params(), model.GPT2Config(**self.module.manifest["config"]), tuning,
+                       Path(out_dir))

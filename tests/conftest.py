@@ -81,3 +81,49 @@ def tiny_batch_build(tmp_path_factory):
                  {"batch": 2, "prompt_len": 64, "context": 128, "seq_len": 128}, "adafactor")
     compiler.compile_target(toolchain.iree_compile(), root / "build", get_target("cpu"))
     return root / "build"
+
+
+# LoRA's settings in the tests: both targets, so every adapted projection is covered.
+TINY_LORA = {"rank": 8, "alpha": 16.0, "targets": ["attn", "mlp"]}
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_build(tmp_path_factory):
+    """The tiny model built with tuning=lora (TINY_LORA, AdamW; cpu module only)."""
+    from gpt2_iree import compiler, export, models, toolchain
+    from gpt2_iree.targets import get_target
+
+    root = tmp_path_factory.mktemp("tiny-lora")
+    models.write_tiny_model(root / "assets")
+    export.build(root / "build", "tiny", root / "assets", "pretrained", None,
+                 {"batch": 1, "prompt_len": 64, "context": 128, "seq_len": 128}, "adamw", TINY_LORA)
+    compiler.compile_target(toolchain.iree_compile(), root / "build", get_target("cpu"), lora=True)
+    return root / "build"
+
+
+@pytest.fixture(scope="session")
+def english_tiny_model(tmp_path_factory):
+    """The tiny model after 300 AdamW steps on English-like text, as a Hugging
+    Face directory: a base that has learned something, as LoRA needs. (On the
+    random tiny model LoRA cannot get far: with its final norm and tied
+    embeddings frozen, its logits stay within about +-1.3.)"""
+    import jax
+    import numpy as np
+    from english import paragraphs
+
+    from gpt2_iree import model, models, weights
+    from gpt2_iree.tokenizer import Tokenizer, write_byte_tokenizer
+
+    out = tmp_path_factory.mktemp("english-tiny")
+    write_byte_tokenizer(out / "tokenizer.json")
+    cfg, S, B = model.GPT2Config(**models.TINY_SHAPE), 128, 4
+    tokens = np.asarray(Tokenizer(out / "tokenizer.json").encode(paragraphs(60_000)), np.int32)
+    params, optimizer = model.init_params(cfg), model.make_optimizer("adamw")
+    step = jax.jit(lambda p, o, x, y: model.train_step(p, o, cfg, optimizer, x, y, np.full(B, S, np.int32), 3e-3))
+    opt_state, rng = optimizer.init(params), np.random.default_rng(0)
+    for _ in range(300):
+        starts = rng.integers(0, len(tokens) - S - 1, B)
+        windows = np.stack([tokens[s:s + S + 1] for s in starts])
+        params, opt_state, _ = step(params, opt_state, windows[:, :-1], windows[:, 1:])
+    weights.save_hf_model({k: np.asarray(v) for k, v in params.items()}, cfg, out, out / "tokenizer.json")
+    return out

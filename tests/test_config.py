@@ -1,5 +1,7 @@
 """Config validation: every bad var fails with the value and the valid choices."""
 
+import re
+
 import pytest
 
 from tasks.config import BuildConfig, parse_config
@@ -17,7 +19,7 @@ def test_defaults():
 def test_every_setting_keys_the_build_dir():
     base = parse_config({"model": "tiny"})
     for var, value in [("weights", "random"), ("batch", "2"), ("prompt_len", "4"), ("context", "64"),
-                       ("seq_len", "32"), ("optimizer", "sgd")]:
+                       ("seq_len", "32"), ("optimizer", "sgd"), ("tuning", "lora")]:
         assert parse_config({"model": "tiny", var: value}).build_dir != base.build_dir, var
     assert parse_config({"model": "tiny", "targets": "cpu"}).build_dir == base.build_dir
 
@@ -34,6 +36,7 @@ def test_every_setting_keys_the_build_dir():
     ("context", "2048", "context='2048'", "1..1024 (gpt2's n_positions)"),
     ("context", "0", "context='0'", "1..1024"),
     ("prompt_len", "-1", "prompt_len='-1'", "1..1024 (context=1024)"),
+    ("tuning", "qlora", "tuning='qlora'", "full, lora"),
 ])
 def test_bad_values_name_value_and_choices(var, value, named, expected):
     with pytest.raises(ValueError) as err:
@@ -96,3 +99,35 @@ def test_optimizer_choices_match_the_model():
     from tasks.config import OPTIMIZERS
 
     assert OPTIMIZERS == model.OPTIMIZERS
+
+
+def test_lora_settings_key_the_build_and_are_checked():
+    cfg = parse_config({"model": "tiny", "tuning": "lora"})
+    assert cfg.lora == {"rank": 8, "alpha": 16.0, "targets": ["attn"]}
+    assert cfg.optimizer == "adamw"  # Adafactor's parameter-scaled steps barely move B, which starts at zero
+    assert str(cfg.build_dir) == "build/tiny/pretrained-b1-k64-c128-s128-adamw-lora-r8-a16-attn"
+    other = parse_config({"model": "tiny", "tuning": "lora", "lora_targets": "mlp,attn", "lora_rank": "4",
+                          "lora_alpha": "8", "optimizer": "adafactor"})
+    assert other.lora["targets"] == ["attn", "mlp"]  # one configuration, whatever the order given
+    assert other.build_dir.name == "pretrained-b1-k64-c128-s128-adafactor-lora-r4-a8-attn+mlp"
+    assert parse_config({"model": "tiny"}).lora is None
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"lora_rank": "4"}, "lora_rank=4 applies to tuning=lora only; add tuning=lora"),
+    ({"tuning": "lora", "lora_targets": "ffn"}, "lora_targets='ffn' is invalid; valid: attn, mlp or attn,mlp"),
+    ({"tuning": "lora", "lora_targets": ","}, "lora_targets=',' is invalid"),
+    ({"tuning": "lora", "lora_rank": "0"}, "lora_rank='0' is invalid; valid: a positive integer"),
+    ({"tuning": "lora", "lora_alpha": "-1"}, "lora_alpha='-1' is invalid; valid: a positive number"),
+    ({"tuning": "lora", "lora_alpha": "inf"}, "lora_alpha='inf' is invalid"),
+])
+def test_bad_lora_settings_are_refused(raw, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_config({"model": "tiny", **raw})
+
+
+def test_lora_targets_match_the_library():
+    from gpt2_iree import lora
+    from tasks.config import LORA_TARGETS
+
+    assert LORA_TARGETS == tuple(lora.TARGETS)
