@@ -100,13 +100,14 @@ def _pair(iree: float, jax_value: float) -> dict:
 
 
 def run_benchmark(build_dir: Path, device: str | None = None, repeats: int = 5, warmup: int = 1,
-                  log=print) -> dict:
+                  with_peers: bool = False, log=print) -> dict:
     """Prefill, decode and fine-tuning time of the build's modules on `device`
-    (the runtime's default when None) and of JAX on its default backend."""
+    (the runtime's default when None) and of JAX on its default backend;
+    `with_peers`, also PyTorch's fine-tuning step (peers.py)."""
     import jax
     import jax.numpy as jnp
 
-    from gpt2_iree import model, peak_memory
+    from gpt2_iree import lora, model, peak_memory, peers
     from gpt2_iree.generation import Rows
     from gpt2_iree.module import Module, has_generation_module
     from gpt2_iree.reference import JaxReference
@@ -118,7 +119,9 @@ def run_benchmark(build_dir: Path, device: str | None = None, repeats: int = 5, 
     manifest = module.manifest
     generator = (Module(Path(build_dir), module.device, generation=True)
                  if has_generation_module(module) else module)
-    dtype = np.dtype(manifest["generate"]["weights_dtype"] if generator.generation else np.float32)
+    # What the weights a decode step reads are stored as (a LoRA build's frozen base: float16).
+    dtype = np.dtype(manifest["generate"]["weights_dtype"] if generator.generation else
+                     manifest["base"]["dtype"] if "base" in manifest else np.float32)
     cfg = model.GPT2Config(**manifest["config"])
     shapes = model.Shapes(**manifest["shapes"])
     optimizer = manifest["optimizer"]
@@ -130,9 +133,16 @@ def run_benchmark(build_dir: Path, device: str | None = None, repeats: int = 5, 
         f"vs JAX {jax.default_backend()}; medians of {repeats} after {warmup} warm-up; IREE generates "
         f"with {dtype.name} weights")
 
-    weights = module.archive_weights()
-    weight_bytes = sum(v.nbytes for v in weights.values())
-    params = {name: jnp.asarray(v) for name, v in weights.items()}
+    tuning = lora.from_manifest(manifest)
+    trained = {name: jnp.asarray(v) for name, v in module.archive_weights().items()}
+    base = {name: jnp.asarray(v) for name, v in (module.base_weights() or {}).items()}
+
+    def network(trained, base=base):
+        return lora.network(base, trained, tuning) if tuning else trained
+
+    params = network(trained)
+    # What a decode step reads, counted as float32 (the floors scale it to the module's dtype).
+    weight_bytes = sum(v.size * 4 for v in (base or trained).values())
     reference = JaxReference(manifest, params)
 
     rng = np.random.default_rng(0)
@@ -178,10 +188,17 @@ def run_benchmark(build_dir: Path, device: str | None = None, repeats: int = 5, 
         f"IREE in chunks of {K}: its time to the first token)")
 
     # --- decode, early and late in the context ---
-    iree_decode_s, iree_decode_f32_s, jax_decode_s = _paired_medians(
-        decode_run(generator, K), decode_run(module, K), decode_run(reference, K), repeats=repeats, warmup=warmup)
-    log(f"  decode    IREE {iree_decode_s * 1e3:9.3f} ms/token ({dtype.name} weights; float32: "
-        f"{iree_decode_f32_s * 1e3:.3f})   JAX {jax_decode_s * 1e3:9.3f} ms/token ({steps} steps from position {K})")
+    if tuning:  # one module, on float16 weights: there is no float32 one to time beside it
+        iree_decode_s, jax_decode_s = _paired_medians(decode_run(generator, K), decode_run(reference, K),
+                                                      repeats=repeats, warmup=warmup)
+        iree_decode_f32_s = None
+    else:
+        iree_decode_s, iree_decode_f32_s, jax_decode_s = _paired_medians(
+            decode_run(generator, K), decode_run(module, K), decode_run(reference, K), repeats=repeats,
+            warmup=warmup)
+    f32 = f"; float32: {iree_decode_f32_s * 1e3:.3f}" if iree_decode_f32_s else ""
+    log(f"  decode    IREE {iree_decode_s * 1e3:9.3f} ms/token ({dtype.name} weights{f32})   "
+        f"JAX {jax_decode_s * 1e3:9.3f} ms/token ({steps} steps from position {K})")
     iree_late_s, jax_late_s = _paired_medians(decode_run(generator, late), decode_run(reference, late),
                                               repeats=repeats, warmup=warmup)
     log(f"  decode late IREE {iree_late_s * 1e3:9.3f} ms/token   JAX {jax_late_s * 1e3:9.3f} ms/token "
@@ -193,12 +210,14 @@ def run_benchmark(build_dir: Path, device: str | None = None, repeats: int = 5, 
 
     # --- finetune: both sides carry their weights and optimizer state forward ---
     optimizer_reference = model.make_optimizer(optimizer)
-    jax_step = jax.jit(lambda p, o, x, t, n, r: model.train_step(p, o, cfg, optimizer_reference, x, t, n, r))
-    state = {"params": params, "opt": optimizer_reference.init(params)}
+    # The base is an argument, not a constant that XLA would fold.
+    jax_step = jax.jit(lambda p, o, b, x, t, n, r: model.train_step(
+        p, o, cfg, optimizer_reference, x, t, n, r, network=lambda trained: network(trained, b)))
+    state = {"params": trained, "opt": optimizer_reference.init(trained)}
 
     def jax_finetune_run():
         new_params, new_opt, _ = jax.block_until_ready(
-            jax_step(state["params"], state["opt"], text, target, text_lengths, lr))
+            jax_step(state["params"], state["opt"], base, text, target, text_lengths, lr))
         state["params"], state["opt"] = new_params, new_opt
 
     iree_finetune, jax_finetune = _paired_medians(
@@ -219,6 +238,10 @@ def run_benchmark(build_dir: Path, device: str | None = None, repeats: int = 5, 
     peak = peak_memory.peak_rss_mb(build_dir, module.device)
     log(f"  peak RSS  finetune {peak['finetune']:.0f} MB, generate {peak['generate']:.0f} MB "
         f"(each in a process of its own)")
+    peer = peers.measure(build_dir, repeats) if with_peers else None
+    if peer:
+        log(f"  {peer['engine']}: finetune {peer['finetune_s_per_step']:.4f} s/step, "
+            f"peak RSS {peer['peak_rss_mb']:.0f} MB ({peer['threads']} threads, a process of its own)")
 
     return {
         "prefill_ms": _pair(iree_prefill * 1e3, jax_prefill * 1e3),
@@ -226,7 +249,8 @@ def run_benchmark(build_dir: Path, device: str | None = None, repeats: int = 5, 
         "decode_ms_per_token": _pair(iree_decode_s * 1e3, jax_decode_s * 1e3),
         "decode_late_ms_per_token": _pair(iree_late_s * 1e3, jax_late_s * 1e3) | {"position": late},
         "decode_sampled_ms_per_token": {"iree": iree_sampled_s * 1e3},
-        "decode_float32_ms_per_token": _pair(iree_decode_f32_s * 1e3, jax_decode_s * 1e3),
+        "decode_float32_ms_per_token": _pair(iree_decode_f32_s * 1e3, jax_decode_s * 1e3) if iree_decode_f32_s
+        else None,
         "finetune_s_per_step": _pair(iree_finetune, jax_finetune),
         "tokens_per_s": {"iree": B / iree_decode_s, "jax": B / jax_decode_s},
         "generation_weights": dtype.name,
@@ -235,8 +259,10 @@ def run_benchmark(build_dir: Path, device: str | None = None, repeats: int = 5, 
         "decode_late_floor_ms": late_floor_ms,
         "decode_float32_floor_ms": floor_f32_ms,
         "peak_rss_mb": peak,
+        **({"peers": {"pytorch": peer}} if peer else {}),
         "model": manifest["model"],
-        "config": {**manifest["config"], **manifest["shapes"], "optimizer": optimizer},
+        "config": {**manifest["config"], **manifest["shapes"], "optimizer": optimizer,
+                   "tuning": manifest.get("tuning", {"mode": "full"})},
         "device": module.device,
         "repeats": repeats,
     }
@@ -253,7 +279,8 @@ def format_table(result: dict) -> str:
              f"{result[key]['ratio']:.2f}x") for key, label, unit in METRICS]
     f32 = result["decode_float32_ms_per_token"]
     rows[3:3] = [("  tokens/s", _num(result["tokens_per_s"]["iree"]), _num(result["tokens_per_s"]["jax"]), ""),
-                 ("decode, float32 module (ms/token)", _num(f32["iree"]), _num(f32["jax"]), f"{f32['ratio']:.2f}x"),
+                 *([("decode, float32 module (ms/token)", _num(f32["iree"]), _num(f32["jax"]),
+                     f"{f32['ratio']:.2f}x")] if f32 else []),
                  ("decode, sampled (ms/token)", _num(result["decode_sampled_ms_per_token"]["iree"]), "", "")]
     header = ("", "IREE", "JAX", "IREE/JAX")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
@@ -261,8 +288,10 @@ def format_table(result: dict) -> str:
     def line(row) -> str:
         return "  ".join([row[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(row[1:], widths[1:])])
 
+    tuning = c.get("tuning", {"mode": "full"})
     shape = (f"B={c.get('batch')}, K={c.get('prompt_len')}, context {c.get('context')}, S={c.get('seq_len')}, "
-             f"{c.get('optimizer')}")
+             f"{c.get('optimizer')}" + (f", LoRA rank {tuning['rank']} on {'+'.join(tuning['targets'])}"
+                                        if tuning["mode"] == "lora" else ""))
     dtype = result["generation_weights"]
     out = [f"{result['model']} ({shape}) on IREE {result['device']} vs jax.jit; "
            f"medians of {result['repeats']}; IREE/JAX < 1 means IREE is faster",
@@ -278,6 +307,12 @@ def format_table(result: dict) -> str:
            f"long prefill: {result['long_prefill_ms']['tokens']} tokens",
            f"peak RSS, each in a process of its own: a fine-tuning step {result['peak_rss_mb']['finetune']:.0f} MB, "
            f"generation {result['peak_rss_mb']['generate']:.0f} MB"]
+    if "peers" in result:
+        peer = result["peers"]["pytorch"]
+        out.append(f"{peer['engine']}, the same step: {peer['finetune_s_per_step']:.4g} s/step "
+                   f"(IREE/PyTorch {result['finetune_s_per_step']['iree'] / peer['finetune_s_per_step']:.2f}x), "
+                   f"peak RSS {peer['peak_rss_mb']:.0f} MB "
+                   f"(IREE/PyTorch {result['peak_rss_mb']['finetune'] / peer['peak_rss_mb']:.2f}x)")
     return "\n".join(out)
 
 

@@ -55,7 +55,7 @@ def _generate(build_dir: Path, device: str) -> None:
         rows.step({0})
 
 
-def _own_peak_mb() -> float:
+def own_peak_mb() -> float:
     """This process's peak RSS since it started. On Linux ru_maxrss would not
     do: exec keeps the high-water mark of the process it replaced, a fork of
     the caller with all of the caller's memory. VmHWM is the new image's."""
@@ -89,7 +89,7 @@ def main(argv: list[str]) -> None:
         {"finetune": _finetune, "generate": _generate}[what](Path(build_dir), device)
     except Gpt2IreeError as err:
         sys.exit(str(err))  # the message alone, on stderr, for `measure` to pass on
-    print(json.dumps({"peak_rss_mb": _own_peak_mb()}))
+    print(json.dumps({"peak_rss_mb": own_peak_mb()}))
 
 
 if __name__ == "__main__":
