@@ -22,6 +22,10 @@ float32 archive once, at load, into float16 weights that no call changes. Being
 constant, they can be prepared for the machine once (on the CPU, data tiling
 packs them for its matrix-vector kernels): a 124M decode step takes 9 ms there
 instead of 20. After fine-tuning, the runtime opens it again on the new weights.
+
+A LoRA build (`tuning`) has `@gpt2` alone, with the same entry points: its
+`params` are the adapters (gpt2.irpa), and a `base` group, float16 from
+base.irpa, that no entry writes holds the model's weights.
 """
 
 from __future__ import annotations

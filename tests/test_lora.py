@@ -112,6 +112,27 @@ def test_a_lora_module_matches_jax_on_vulkan(tiny_lora_build, vulkan, target):
     assert report["sampled"]["equal_to_jax"] and report["tokens_equal"]
 
 
+def test_a_checkpoint_of_adapters_resumes_exactly_and_only_on_its_base(tiny_lora_build, tiny_build, tmp_path):
+    from gpt2_iree import checkpoint
+    from gpt2_iree.checkpoint import CheckpointError
+
+    module = Module(tiny_lora_build, "local-task")
+    text = np.arange(128, dtype=np.int32)[None] % 200
+    batch = (text, np.roll(text, -1, axis=1), np.array([127], np.int32))
+    for _ in range(2):
+        module.finetune(*batch, 1e-2)
+    checkpoint.save(tmp_path / "ck", module, {"step": 2})
+    loaded = checkpoint.load(tmp_path / "ck", module.manifest)
+    resumed = Module(tiny_lora_build, "local-task", params=loaded.params)
+    resumed.set_opt_state(loaded.opt_state)
+    assert resumed.finetune(*batch, 1e-2) == module.finetune(*batch, 1e-2)
+    with pytest.raises(CheckpointError, match="another build"):
+        checkpoint.load(tmp_path / "ck", Module(tiny_build, "local-task").manifest)
+    other_base = module.manifest | {"base": module.manifest["base"] | {"sha256": "0" * 64}}
+    with pytest.raises(CheckpointError, match="LoRA base differ"):
+        checkpoint.load(tmp_path / "ck", other_base)
+
+
 def test_weights_of_a_full_build_are_refused_by_name(tiny_lora_build, tiny_build):
     with pytest.raises(BuildError, match=r"gpt2.irpa does not match the module .*missing: h.0.attn.out_w.lora_a"):
         Module(tiny_lora_build, "local-task", params=tiny_build / "gpt2.irpa")
