@@ -13,7 +13,9 @@ module is compared with JAX on the same float16-rounded weights, to the same
 tolerance; what the rounding itself costs is reported beside. For a target
 this host cannot run, the artifacts are checked structurally, and where the
 host has Vulkan, the target's kernels compiled for it run the parity checks
-too (`targets.on_vulkan`).
+too (`targets.on_vulkan`). A LoRA build's module is compared with JAX
+running the same adapters on the same float16 base (`lora.network`), its
+generation checked after the fine-tuning steps, once the adapters matter.
 """
 
 from __future__ import annotations
@@ -235,6 +237,7 @@ def check_parity(module, seed: int = 0) -> dict:
     return generation | {
         "kind": "parity",
         "device": module.device,
+        "tuning": manifest.get("tuning", {"mode": "full"}),
         "tolerance": TOLERANCE,
         "losses": losses,
         "reference_losses": ref_losses,
@@ -393,6 +396,10 @@ def summary(report: dict) -> str:
                        f"and kept {cost['greedy_agreement']:.1%} of {cost['positions']} greedy tokens)")
         where = f"{r['device']}, running {r['module']}" if r["kind"] == "parity-on-vulkan" else r["device"]
         sampled = r["sampled"]
+        tuning = r.get("tuning", {"mode": "full"})
+        if tuning["mode"] == "lora":
+            weights = (f" (LoRA rank {tuning['rank']}, alpha {tuning['alpha']:g}, on {'+'.join(tuning['targets'])}, "
+                       f"over a float16 base)")
         text = (f"{what}: parity with JAX{weights} {'ok' if r['passed'] else 'FAILED'} on {where} "
                 f"(greedy tokens equal: {r['tokens_equal']}; sampled tokens equal: {sampled['equal_to_jax']}; "
                 f"top-k 1 greedy: {sampled['top_k_1_is_greedy']}; relative errors: {errors}; "
