@@ -118,7 +118,7 @@ def run_benchmark(build_dir: Path, device: str | None = None, repeats: int = 5, 
     module = Module(Path(build_dir), device)
     manifest = module.manifest
     generator = (Module(Path(build_dir), module.device, generation=True)
-                 if has_generation_module(module) else module)
+                 if has_generation_module(module.build_dir, manifest, module.target) else module)
     # What the weights a decode step reads are stored as (a LoRA build's frozen base: float16).
     dtype = np.dtype(manifest["generate"]["weights_dtype"] if generator.generation else
                      manifest["base"]["dtype"] if "base" in manifest else np.float32)

@@ -63,7 +63,7 @@ def cmd_generate(args) -> None:
             if args.json:
                 print(json.dumps({"prompt": completion.prompt, "completion": completion.text,
                                   "tokens": completion.tokens, "stop_reason": completion.stop_reason,
-                                  "device": session.module.device}), flush=True)
+                                  "device": session.device}), flush=True)
             else:
                 print(completion.prompt + completion.text, flush=True)
     else:
@@ -152,13 +152,14 @@ def cmd_finetune(args) -> None:
     files = corpora.text_files(args.text_file or [])
     resumed = checkpoint.load(args.resume, read_manifest(args.build_dir)) if args.resume else None
     session = _session(args, resumed.params if resumed else args.params)
+    trained = session.module  # opened, and any fault in it found, before the corpus is read
     corpus = session.corpus(files, [args.text] if args.text else [])
     train, val = corpora.split(len(corpus), args.val_fraction, args.seed)
     steps_per_epoch = -(-len(train) // session.batch)
     plan = finetuning.Plan(steps=args.steps or args.epochs * steps_per_epoch, learning_rate=args.lr,
                            lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps, eval_every=args.eval_every,
                            save_every=args.save_every, checkpoint_dir=args.checkpoint_dir, seed=args.seed)
-    run = finetuning.Run(session.module, corpus, train, val, plan)
+    run = finetuning.Run(trained, corpus, train, val, plan)
     if resumed:
         run.resume(resumed)
     prompt = args.prompt or _first_words(session, corpus)

@@ -59,6 +59,22 @@ def read_manifest(build_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def choose_device(build_dir: Path, device: str | None = None, generation: bool = False) -> str:
+    """`device`, refused if this runtime lacks it, or else the default device
+    for which the build has a module (with `generation`, a generation module)."""
+    have = available_devices()
+    if device is None:
+        device = default_device(lambda driver: (Path(build_dir) / vmfb_name(DRIVER_TARGETS[driver], generation))
+                                .is_file())
+        if device is None:
+            raise BuildError(f"{build_dir} has no module for a default device here ({', '.join(have)}; "
+                             f"software Vulkan is never the default); build one with `doit targets=cpu`, "
+                             f"or name the device with --device")
+    if device not in have:
+        raise BuildError(f"device {device!r} is not available here; this runtime has: {', '.join(have)}")
+    return device
+
+
 class Module:
     """A compiled module of a build on one device, its weights read from a
     parameter archive or, given as `weights`, from arrays in memory.
@@ -78,15 +94,7 @@ class Module:
         self.generation = generation
         if generation and "generate" not in self.manifest:
             raise BuildError(f"{self.build_dir} predates the generation module; rebuild it with `doit`")
-        have = available_devices()
-        if device is None:
-            device = default_device(lambda driver: self._vmfb(DRIVER_TARGETS[driver]).is_file())
-            if device is None:
-                raise BuildError(f"{self.build_dir} has no module for a default device here ({', '.join(have)}; "
-                                 f"software Vulkan is never the default); build one with `doit targets=cpu`, "
-                                 f"or name the device with --device")
-        if device not in have:
-            raise BuildError(f"device {device!r} is not available here; this runtime has: {', '.join(have)}")
+        device = choose_device(self.build_dir, device, generation)
         self.target = target or DRIVER_TARGETS[device]
         vmfb = self._vmfb(self.target)
         if not vmfb.is_file():
@@ -250,9 +258,8 @@ def _settings(sampling: tuple) -> list[np.ndarray]:
     return [np.asarray(temperature, np.float32), np.asarray(top_k, np.int32), np.asarray(top_p, np.float32)]
 
 
-def has_generation_module(module: Module) -> bool:
-    """Whether `module`'s build has a generation module for its target."""
-    vmfb = module.build_dir / vmfb_name(module.target, generation=True)
-    return "generate" in module.manifest and vmfb.is_file()
+def has_generation_module(build_dir: Path, manifest: dict, target: str) -> bool:
+    """Whether the build has a generation module for `target`."""
+    return "generate" in manifest and (Path(build_dir) / vmfb_name(target, generation=True)).is_file()
 
 

@@ -7,9 +7,9 @@ CLI does it, then reports its peak resident set, the runtime, the modules and
 every buffer they allocated included:
 
 * finetune: the whole module, FINETUNE_STEPS steps on one batch of seq_len tokens;
-* generate: what `Session.generate` opens, the whole module and the build's
-  generation module for the device, then a prefill chunk of prompt_len tokens
-  and DECODE_STEPS decode steps.
+* generate: what `Session.generate` opens, the build's generation module for
+  the device (or, without one, the whole module), then a prefill chunk of
+  prompt_len tokens and DECODE_STEPS decode steps.
 """
 
 from __future__ import annotations
@@ -42,15 +42,16 @@ def _finetune(build_dir: Path, device: str) -> None:
 
 
 def _generate(build_dir: Path, device: str) -> None:
+    from gpt2_iree.devices import DRIVER_TARGETS
     from gpt2_iree.generation import Rows
-    from gpt2_iree.module import Module, has_generation_module
+    from gpt2_iree.module import Module, has_generation_module, read_manifest
     from gpt2_iree.sampling import Sampling
 
-    module = Module(build_dir, device)
-    generator = Module(build_dir, device, generation=True) if has_generation_module(module) else module
+    manifest = read_manifest(build_dir)
+    generator = Module(build_dir, device, generation=has_generation_module(build_dir, manifest, DRIVER_TARGETS[device]))
     rows = Rows(generator)
     rows.start(0, Sampling())
-    rows.feed({0: list(range(module.manifest["shapes"]["prompt_len"]))})
+    rows.feed({0: list(range(manifest["shapes"]["prompt_len"]))})
     for _ in range(DECODE_STEPS):
         rows.step({0})
 

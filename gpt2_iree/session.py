@@ -11,7 +11,8 @@ import numpy as np
 from gpt2_iree.corpus import Corpus, read_documents
 from gpt2_iree.finetuning import Plan, Run
 from gpt2_iree.generation import Rows
-from gpt2_iree.module import DEFAULT_BUILD_DIR, BuildError, Module, has_generation_module
+from gpt2_iree.devices import DRIVER_TARGETS
+from gpt2_iree.module import DEFAULT_BUILD_DIR, BuildError, Module, choose_device, has_generation_module, read_manifest
 from gpt2_iree.sampling import GREEDY, Sampling
 
 
@@ -84,18 +85,31 @@ class Session:
     def __init__(self, build_dir: Path = DEFAULT_BUILD_DIR, device: str | None = None, params: Path | None = None):
         from gpt2_iree.tokenizer import Tokenizer
 
-        self.module = Module(build_dir, device, params)
-        self._generator: Module | None = None  # the generation module, once opened
-        self._rows: Rows | None = None  # its rows' caches
-        self._tuned = False  # whether the weights have changed since the archive
-        manifest = self.module.manifest
-        shapes = manifest["shapes"]
-        self.batch, self.prompt_len, self.seq_len = shapes["batch"], shapes["prompt_len"], shapes["seq_len"]
-        self.context = shapes["context"]
+        self.build_dir, self.params = Path(build_dir), params
+        self.manifest = manifest = read_manifest(self.build_dir)
         if manifest["tokenizer"] is None:
             raise BuildError(f"{build_dir} has no tokenizer (weights=random of a Hub model downloads "
                              f"nothing); build with weights=pretrained to use text")
-        self.tokenizer = Tokenizer(self.module.build_dir / manifest["tokenizer"])
+        self.device = choose_device(self.build_dir, device)
+        self._target = DRIVER_TARGETS[self.device]
+        self._has_generator = has_generation_module(self.build_dir, manifest, self._target)
+        # Generating alone never opens the whole module, whose float32 weights
+        # would be a second copy beside the generation module's.
+        self._module: Module | None = None if self._has_generator else Module(self.build_dir, self.device, params)
+        self._generator: Module | None = None  # the generation module, once opened
+        self._rows: Rows | None = None  # its rows' caches
+        self._tuned = False  # whether the weights have changed since the archive
+        shapes = manifest["shapes"]
+        self.batch, self.prompt_len, self.seq_len = shapes["batch"], shapes["prompt_len"], shapes["seq_len"]
+        self.context = shapes["context"]
+        self.tokenizer = Tokenizer(self.build_dir / manifest["tokenizer"])
+
+    @property
+    def module(self) -> Module:
+        """The whole module (fine-tuning, weights), opened when first needed."""
+        if self._module is None:
+            self._module = Module(self.build_dir, self.device, self.params)
+        return self._module
 
     def encode_prompt(self, prompt: str) -> list[int]:
         """Token ids of a prompt. An empty prompt is end-of-text: GPT-2's start
@@ -188,11 +202,10 @@ class Session:
     def generation_module(self) -> Module:
         """The module `generate` runs on: the generation module on the current
         weights where the build has one for this device, else the whole module."""
-        module = self.module
-        if self._generator is None and has_generation_module(module):
-            self._generator = Module(module.build_dir, module.device, module.params_path, generation=True,
-                                     weights=module.get_params() if self._tuned else None, target=module.target)
-        return self._generator or module
+        if self._generator is None and self._has_generator:
+            self._generator = Module(self.build_dir, self.device, self.params, generation=True,
+                                     weights=self.module.get_params() if self._tuned else None, target=self._target)
+        return self._generator or self.module
 
     def corpus(self, files: list[Path] = (), texts: list[str] = ()) -> Corpus:
         """`files` and `texts`, tokenized and packed into windows of this module's

@@ -7,6 +7,7 @@ import pytest
 
 from gpt2_iree import archive
 from gpt2_iree.corpus import CorpusError
+from gpt2_iree.module import BuildError
 from gpt2_iree.sampling import Sampling
 from gpt2_iree.session import Session
 
@@ -138,6 +139,17 @@ def test_generation_runs_on_the_generation_module_and_follows_fine_tuning(tiny_b
     tuned = session.module.get_params()
     for name, value in after.archive_weights().items():
         np.testing.assert_array_equal(value, tuned[name])
+
+
+def test_generating_needs_only_the_generation_module(tiny_build, tmp_path):
+    """Generation alone never opens the whole module (a second copy of the
+    weights, in float32); fine-tuning opens it when first asked."""
+    build = tmp_path / "build"
+    shutil.copytree(tiny_build, build, ignore=shutil.ignore_patterns("gpt2-cpu.vmfb"))
+    session = Session(build, "local-task")
+    assert len(list(session.generate("Hello", max_new_tokens=3))) == 3
+    with pytest.raises(BuildError, match="gpt2-cpu.vmfb is missing"):
+        session.finetune([SENTENCE], steps=1)
 
 
 def test_without_a_generation_module_generation_runs_on_the_whole_module(tiny_build, tmp_path):
