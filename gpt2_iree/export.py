@@ -83,7 +83,8 @@ def _split(cache: dict) -> tuple[dict, dict]:
     return {k: v for k, v in cache.items() if k != "key"}, {"key": cache["key"]}
 
 
-def _generation(cfg: model.GPT2Config, shapes: model.Shapes, weights: tuple[str, ...], network) -> dict[str, stateful.Entry]:
+def _generation(cfg: model.GPT2Config, shapes: model.Shapes, weights: tuple[str, ...],
+                network) -> dict[str, stateful.Entry]:
     """prefill, decode_<W>, seed and get_state, reading the weights from the
     state groups `weights` and computing in float32 with `network(*those
     groups)`: the weights as model.py takes them."""

@@ -88,3 +88,20 @@ def test_the_two_sides_take_turns():
 
     assert bench._paired_medians(side("iree", 1.0), side("jax", 2.0), repeats=3, warmup=1) == (1.0, 2.0)
     assert calls == ["iree", "jax"] * 4
+
+
+def test_a_lora_build_benchmarks_beside_pytorch_and_peft(tiny_lora_build):
+    """A LoRA build's one module against JAX on the same base, and PyTorch's
+    PEFT step on the same shape, where PyTorch, transformers and peft are installed."""
+    from gpt2_iree import peers
+
+    if not peers.available():
+        pytest.skip("the [peers] extra (torch, transformers, peft) is not installed")
+    result = bench.run_benchmark(tiny_lora_build, device="local-task", repeats=1, warmup=1, with_peers=True,
+                                 log=lambda line: None)
+    assert result["generation_weights"] == "float16" and result["decode_float32_ms_per_token"] is None
+    assert result["config"]["tuning"]["mode"] == "lora"
+    peer = result["peers"]["pytorch"]
+    assert "PEFT LoRA" in peer["engine"] and peer["finetune_s_per_step"] > 0 and peer["peak_rss_mb"] > 0
+    table = bench.format_table(result)
+    assert "LoRA rank 8 on attn+mlp" in table and "IREE/PyTorch" in table and "float32 module" not in table
