@@ -138,7 +138,7 @@ def run_benchmark(build_dir: Path, device: str | None = None, repeats: int = 5, 
     base = {name: jnp.asarray(v) for name, v in (module.base_weights() or {}).items()}
 
     def network(trained, base=base):
-        return lora.network(base, trained, tuning) if tuning else trained
+        return lora.computed_weights(trained, base, tuning)
 
     params = network(trained)
     # What a decode step reads, counted as float32 (the floors scale it to the module's dtype).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -38,13 +39,14 @@ def compile_module(compiler: str, mlir: Path, target: Target, vmfb: Path, log: P
     replace_atomically(vmfb, compile_to)
 
 
-def compile_target(compiler: str, build_dir: Path, target: Target, lora: bool = False) -> None:
+def compile_target(compiler: str, build_dir: Path, target: Target) -> None:
     """`compiler` (an iree-compile) builds the target's whole module from
     gpt2.mlir and, where the target has one, its generation module from
     gpt2-generate.mlir, side by side: one iree-compile keeps about one of this
-    machine's two cores busy. A `lora` build has one module (the target's
-    `lora_flags`)."""
+    machine's two cores busy. A LoRA build (its manifest names a frozen
+    `base`) has one module, compiled with the target's `lora_flags`."""
     build_dir = Path(build_dir)
+    lora = "base" in json.loads((build_dir / "manifest.json").read_text())
 
     def build(mlir: str, generation: bool) -> None:
         vmfb = vmfb_name(target.name, generation)
@@ -59,6 +61,6 @@ def compile_target(compiler: str, build_dir: Path, target: Target, lora: bool = 
         future.result()
 
 
-def compile_for(toolchain_json: Path, build_dir: Path, target_name: str, lora: bool = False) -> None:
+def compile_for(toolchain_json: Path, build_dir: Path, target_name: str) -> None:
     """The compile stage: `compile_target` with the toolchain's iree-compile."""
-    compile_target(read_record(toolchain_json)["iree_compile"], build_dir, get_target(target_name), lora)
+    compile_target(read_record(toolchain_json)["iree_compile"], build_dir, get_target(target_name))

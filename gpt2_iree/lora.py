@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2_iree.model import LORA_A, LORA_B, GPT2Config
+from gpt2_iree.model import LORA_A, LORA_B, GPT2Config, param_shapes
 
 # lora_targets= names -> the weights of each block they adapt.
 TARGETS = {"attn": ("attn.qkv_w", "attn.out_w"), "mlp": ("mlp.in_w", "mlp.out_w")}
-# Each adapted weight's module in transformers' GPT2LMHeadModel.
 # What save_peft writes.
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# Each adapted weight's module in transformers' GPT2LMHeadModel.
 _HF_MODULES = {"attn.qkv_w": "attn.c_attn", "attn.out_w": "attn.c_proj",
                "mlp.in_w": "mlp.c_fc", "mlp.out_w": "mlp.c_proj"}
 
@@ -54,8 +54,6 @@ def from_manifest(manifest: dict) -> Lora | None:
 
 def adapter_shapes(cfg: GPT2Config, lora: Lora) -> dict[str, tuple[int, int]]:
     """Every adapter matrix's name and shape: what the module trains."""
-    from gpt2_iree.model import param_shapes
-
     shapes = param_shapes(cfg)
     out = {}
     for name in lora.weights(cfg):
@@ -80,6 +78,12 @@ def init_adapters(cfg: GPT2Config, lora: Lora, seed: int = 0) -> dict[str, np.nd
 def network(base: dict, adapters: dict, lora: Lora) -> dict:
     """What model.py computes with: the base and the adapters, B scaled (see model.LORA_A)."""
     return base | {name: value * lora.scale if name.endswith(LORA_B) else value for name, value in adapters.items()}
+
+
+def computed_weights(trained: dict, base: dict, lora: Lora | None) -> dict:
+    """What model.py computes with, given what a build trains: its weights,
+    or a LoRA build's adapters on its base."""
+    return network(base, trained, lora) if lora else trained
 
 
 def merged(base: dict, adapters: dict, lora: Lora) -> dict[str, np.ndarray]:

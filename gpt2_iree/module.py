@@ -92,6 +92,9 @@ class Module:
         self.build_dir = Path(build_dir)
         self.manifest = read_manifest(self.build_dir)
         self.generation = generation
+        if generation and "base" in self.manifest:
+            raise BuildError(f"{self.build_dir} is a tuning=lora build: its one module generates; "
+                             f"open it without generation=True")
         if generation and "generate" not in self.manifest:
             raise BuildError(f"{self.build_dir} predates the generation module; rebuild it with `doit`")
         device = choose_device(self.build_dir, device, generation)

@@ -85,7 +85,7 @@ class Session:
     def __init__(self, build_dir: Path = DEFAULT_BUILD_DIR, device: str | None = None, params: Path | None = None):
         from gpt2_iree.tokenizer import Tokenizer
 
-        self.build_dir, self.params = Path(build_dir), params
+        self.build_dir, self.params_path = Path(build_dir), params
         self.manifest = manifest = read_manifest(self.build_dir)
         if manifest["tokenizer"] is None:
             raise BuildError(f"{build_dir} has no tokenizer (weights=random of a Hub model downloads "
@@ -94,9 +94,11 @@ class Session:
         self._target = DRIVER_TARGETS[self.device]
         self._has_generator = has_generation_module(self.build_dir, manifest, self._target)
         # Generating alone never opens the whole module, whose float32 weights
-        # would be a second copy beside the generation module's.
+        # would be a second copy beside the generation module's. The module
+        # generation runs on is opened now: a bad archive is found before any work.
         self._module: Module | None = None if self._has_generator else Module(self.build_dir, self.device, params)
-        self._generator: Module | None = None  # the generation module, once opened
+        self._generator: Module | None = Module(self.build_dir, self.device, params, generation=True) \
+            if self._has_generator else None
         self._rows: Rows | None = None  # its rows' caches
         self._tuned = False  # whether the weights have changed since the archive
         shapes = manifest["shapes"]
@@ -108,7 +110,7 @@ class Session:
     def module(self) -> Module:
         """The whole module (fine-tuning, weights), opened when first needed."""
         if self._module is None:
-            self._module = Module(self.build_dir, self.device, self.params)
+            self._module = Module(self.build_dir, self.device, self.params_path)
         return self._module
 
     def encode_prompt(self, prompt: str) -> list[int]:
@@ -203,7 +205,7 @@ class Session:
         """The module `generate` runs on: the generation module on the current
         weights where the build has one for this device, else the whole module."""
         if self._generator is None and self._has_generator:
-            self._generator = Module(self.build_dir, self.device, self.params, generation=True,
+            self._generator = Module(self.build_dir, self.device, self.params_path, generation=True,
                                      weights=self.module.get_params() if self._tuned else None, target=self._target)
         return self._generator or self.module
 

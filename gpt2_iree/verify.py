@@ -185,8 +185,7 @@ def check_parity(module, seed: int = 0) -> dict:
     base = {name: jnp.asarray(v) for name, v in (module.base_weights() or {}).items()}
 
     def network(trained, base=base):
-        """What the model computes with: every weight, or the frozen base plus adapters."""
-        return lora.network(base, trained, tuning) if tuning else trained
+        return lora.computed_weights(trained, base, tuning)
 
     params = {name: jnp.asarray(v) for name, v in module.archive_weights().items()}
     # Fresh adapters change nothing (B is zero): a LoRA build's generation is
@@ -357,7 +356,7 @@ def verify_build(build_dir: Path, target_name: str, report_path: Path, toolchain
             return parity(generation, target.runtime_driver, target_name)
     elif target.gpu and "vulkan" in have and "vulkan-spirv" in record["target_backends"]:
         stand_in = targets.on_vulkan(target)
-        compiler.compile_target(record["iree_compile"], build_dir, stand_in, lora="base" in build_manifest)
+        compiler.compile_target(record["iree_compile"], build_dir, stand_in)
 
         def check(generation: bool) -> dict:
             shape = structure(generation)

@@ -6,7 +6,7 @@ from doit.tools import config_changed
 from gpt2_iree.targets import TARGETS, Target, log_name, vmfb_name
 from tasks.actions import call, remove_outputs
 from tasks.config import load_config
-from tasks.export import mlir_outputs as export_mlir
+from tasks.export import mlir_outputs
 from tasks.sources import library_sources
 
 # The function the action calls, and the library code it runs.
@@ -31,8 +31,8 @@ def task_compile():
         yield {
             "name": name,
             "doc": f"gpt2-{name}.vmfb: {target.description}",
-            "actions": [call(ENTRY, cfg.toolchain_json, cfg.build_dir, name, lora)],
-            "file_dep": [*(cfg.build_dir / mlir for mlir in export_mlir(lora)), cfg.toolchain_json, *SOURCES],
+            "actions": [call(ENTRY, cfg.toolchain_json, cfg.build_dir, name)],
+            "file_dep": [*(cfg.build_dir / mlir for mlir in mlir_outputs(lora)), cfg.toolchain_json, *SOURCES],
             "targets": [cfg.build_dir / f for f in outputs(target, lora) if f.endswith(".vmfb")],
             "uptodate": [config_changed({"flags": target.flags, **({"lora_flags": target.lora_flags} if lora else
                                                                       {"generate_flags": target.generate_flags})})],

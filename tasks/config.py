@@ -115,7 +115,10 @@ class BuildConfig:
         never taken for the wheels', so switching back and forth finds both up to date."""
         key = f"{self.weights}-b{self.batch}-k{self.prompt_len}-c{self.context}-s{self.seq_len}-{self.optimizer}"
         if self.lora:
-            key += f"-lora-r{self.lora['rank']}-a{self.lora['alpha']:g}-{'+'.join(self.lora['targets'])}"
+            alpha = self.lora["alpha"]
+            # Short where that is exact (a16, a0.5), never two alphas under one key.
+            alpha = f"{alpha:g}" if float(f"{alpha:g}") == alpha else repr(alpha)
+            key += f"-lora-r{self.lora['rank']}-a{alpha}-{'+'.join(self.lora['targets'])}"
         return key if self.toolchain == "wheel" else f"{key}-{self.toolchain}"
 
     @property

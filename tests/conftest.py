@@ -97,7 +97,7 @@ def tiny_lora_build(tmp_path_factory):
     models.write_tiny_model(root / "assets")
     export.build(root / "build", "tiny", root / "assets", "pretrained", None,
                  {"batch": 1, "prompt_len": 64, "context": 128, "seq_len": 128}, "adamw", TINY_LORA)
-    compiler.compile_target(toolchain.iree_compile(), root / "build", get_target("cpu"), lora=True)
+    compiler.compile_target(toolchain.iree_compile(), root / "build", get_target("cpu"))
     return root / "build"
 
 

@@ -148,8 +148,9 @@ def test_bench_writes_json_and_png(tiny_build, tmp_path, capsys):
 ])
 def test_bad_input_is_a_clear_error(tiny_build, capsys, args, message):
     assert main([*args, "--build-dir", str(tiny_build)]) == 2
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert message in err and "Traceback" not in err
+    assert out == ""  # refused before any work
 
 
 def test_unbuilt_build_dir_says_which_doit_builds_it(tmp_path, capsys):

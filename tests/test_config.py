@@ -111,6 +111,9 @@ def test_lora_settings_key_the_build_and_are_checked():
     assert other.lora["targets"] == ["attn", "mlp"]  # one configuration, whatever the order given
     assert other.build_dir.name == "pretrained-b1-k64-c128-s128-adafactor-lora-r4-a8-attn+mlp"
     assert parse_config({"model": "tiny"}).lora is None
+    # Two alphas never share a build: the key is exact where the short form is not.
+    close = parse_config({"model": "tiny", "tuning": "lora", "lora_alpha": "16.0000001"})
+    assert close.build_dir != cfg.build_dir and close.build_dir.name.endswith("-a16.0000001-attn")
 
 
 @pytest.mark.parametrize("raw, message", [
