@@ -94,17 +94,16 @@ class Session:
         self._target = DRIVER_TARGETS[self.device]
         self._has_generator = has_generation_module(self.build_dir, manifest, self._target)
         # Generating alone never opens the whole module, whose float32 weights
-        # would be a second copy beside the generation module's. The module
-        # generation runs on is opened now: a bad archive is found before any work.
-        self._module: Module | None = None if self._has_generator else Module(self.build_dir, self.device, params)
-        self._generator: Module | None = Module(self.build_dir, self.device, params, generation=True) \
-            if self._has_generator else None
+        # would be a second copy beside the generation module's.
+        self._module: Module | None = None  # the whole module, once opened
+        self._generator: Module | None = None  # the generation module, once opened
         self._rows: Rows | None = None  # its rows' caches
         self._tuned = False  # whether the weights have changed since the archive
         shapes = manifest["shapes"]
         self.batch, self.prompt_len, self.seq_len = shapes["batch"], shapes["prompt_len"], shapes["seq_len"]
         self.context = shapes["context"]
         self.tokenizer = Tokenizer(self.build_dir / manifest["tokenizer"])
+        self.generation_module()  # opened now: a bad archive is found before any work
 
     @property
     def module(self) -> Module:
