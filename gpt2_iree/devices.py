@@ -26,12 +26,21 @@ def _devices(driver: str) -> list[dict] | None:
         return None
 
 
+def has_device(driver: str) -> bool:
+    """Whether this runtime has `driver` with a usable device. It probes that
+    driver alone: probing Vulkan loads every installed Vulkan implementation
+    into the process, and Mesa's lavapipe brings 42 MB of resident LLVM."""
+    import iree.runtime as rt
+
+    return (driver in DRIVER_TARGETS and driver in rt.query_available_drivers()
+            and (driver.startswith("local") or bool(_devices(driver))))
+
+
 def available_devices() -> list[str]:
     """The drivers of this runtime that have a usable device."""
     import iree.runtime as rt
 
-    return [driver for driver in rt.query_available_drivers()
-            if driver in DRIVER_TARGETS and (driver.startswith("local") or _devices(driver))]
+    return [driver for driver in rt.query_available_drivers() if has_device(driver)]
 
 
 def is_software(driver: str) -> bool:
@@ -41,7 +50,7 @@ def is_software(driver: str) -> bool:
 
 
 def default_device(is_built: Callable[[str], bool]) -> str | None:
-    """The first driver of DEVICE_PREFERENCE that this host has, that is hardware
-    (or the CPU), and for which `is_built(driver)` says a module exists; None if none."""
-    have = available_devices()
-    return next((d for d in DEVICE_PREFERENCE if d in have and not is_software(d) and is_built(d)), None)
+    """The first driver of DEVICE_PREFERENCE for which `is_built(driver)` says a
+    module exists, that this host has, and that is hardware (or the CPU); None if
+    none. Only drivers with a module are probed."""
+    return next((d for d in DEVICE_PREFERENCE if is_built(d) and has_device(d) and not is_software(d)), None)

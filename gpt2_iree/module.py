@@ -18,7 +18,7 @@ import numpy as np
 
 from gpt2_iree import device_memory
 from gpt2_iree.archive import PARAMETER_SCOPE
-from gpt2_iree.devices import DRIVER_TARGETS, available_devices, default_device
+from gpt2_iree.devices import DRIVER_TARGETS, available_devices, default_device, has_device
 from gpt2_iree.errors import Gpt2IreeError
 from gpt2_iree.targets import vmfb_name
 
@@ -62,16 +62,16 @@ def read_manifest(build_dir: Path) -> dict:
 def choose_device(build_dir: Path, device: str | None = None, generation: bool = False) -> str:
     """`device`, refused if this runtime lacks it, or else the default device
     for which the build has a module (with `generation`, a generation module)."""
-    have = available_devices()
     if device is None:
         device = default_device(lambda driver: (Path(build_dir) / vmfb_name(DRIVER_TARGETS[driver], generation))
                                 .is_file())
         if device is None:
-            raise BuildError(f"{build_dir} has no module for a default device here ({', '.join(have)}; "
-                             f"software Vulkan is never the default); build one with `doit targets=cpu`, "
-                             f"or name the device with --device")
-    if device not in have:
-        raise BuildError(f"device {device!r} is not available here; this runtime has: {', '.join(have)}")
+            raise BuildError(f"{build_dir} has no module for a default device here "
+                             f"({', '.join(available_devices())}; software Vulkan is never the default); "
+                             f"build one with `doit targets=cpu`, or name the device with --device")
+    elif not has_device(device):
+        raise BuildError(f"device {device!r} is not available here; "
+                         f"this runtime has: {', '.join(available_devices())}")
     return device
 
 

@@ -2,6 +2,8 @@
 
 import platform
 import resource
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -124,3 +126,24 @@ def test_every_entry_point_agrees_on_vulkan_and_the_cpu(tiny_vulkan_build):
     generator = Module(tiny_vulkan_build, device="vulkan", generation=True, weights=tuned)
     reference = Module(tiny_vulkan_build, device="local-task", generation=True, weights=tuned)
     assert tokens(generator) == tokens(reference)
+
+
+def _loads_vulkan(*statements: str) -> bool:
+    """Whether a fresh process running `statements` maps the Vulkan loader."""
+    code = "; ".join((*statements, "print(any('libvulkan' in line for line in open('/proc/self/maps')))"))
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return child.stdout.split()[-1] == "True"
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="reads /proc/self/maps")
+def test_a_cpu_module_never_loads_vulkan(tiny_build, vulkan, tmp_path):
+    # Probing Vulkan maps every installed implementation into the process
+    # (lavapipe: 42 MB of LLVM), which a CPU run would carry to its end.
+    cpu_only = tmp_path / "cpu-only"
+    cpu_only.mkdir()
+    for name in ("manifest.json", "gpt2.irpa", "gpt2-cpu.vmfb"):
+        (cpu_only / name).symlink_to(tiny_build / name)
+    opened = "from gpt2_iree.module import Module; Module({!r}, {})"
+    assert not _loads_vulkan(opened.format(str(tiny_build), "'local-task'"))
+    assert not _loads_vulkan(opened.format(str(cpu_only), "None"))  # no GPU module: the default probes no GPU
+    assert _loads_vulkan(opened.format(str(tiny_build), "None"))  # a vulkan module: lavapipe is probed, and refused
