@@ -143,7 +143,7 @@ def run_benchmark(build_dir: Path, device: str | None = None, repeats: int = 5, 
     params = network(trained)
     # What a decode step reads, counted as float32 (the floors scale it to the module's dtype).
     weight_bytes = sum(v.size * 4 for v in (base or trained).values())
-    reference = JaxReference(manifest, params)
+    reference = JaxReference(manifest, params, generator.cache_dtype)
 
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, cfg.vocab_size, (B, late), dtype=np.int32).tolist()
@@ -182,7 +182,7 @@ def run_benchmark(build_dir: Path, device: str | None = None, repeats: int = 5, 
                                                 repeats=repeats, warmup=warmup)
     log(f"  prefill   IREE {iree_prefill * 1e3:9.3f} ms   JAX {jax_prefill * 1e3:9.3f} ms   ({K} tokens)")
     iree_long, jax_long = _paired_medians(
-        prefill_run(generator, long_prompt), prefill_run(JaxReference(manifest, params, long_prompt), long_prompt),
+        prefill_run(generator, long_prompt), prefill_run(JaxReference(manifest, params, generator.cache_dtype, long_prompt), long_prompt),
         repeats=repeats, warmup=warmup)
     log(f"  long prefill IREE {iree_long * 1e3:9.3f} ms   JAX {jax_long * 1e3:9.3f} ms   ({long_prompt} tokens; "
         f"IREE in chunks of {K}: its time to the first token)")

@@ -66,17 +66,23 @@ def _i32(*shape):
     return jax.ShapeDtypeStruct(shape, jnp.int32)
 
 
-def generation_state(cfg: model.GPT2Config, shapes: model.Shapes) -> dict:
-    """The state groups of generation: the KV cache (and each row's position,
-    last token and logits), and apart from it the rows' generators, which
-    `seed` writes without touching the cache."""
-    cache, rng = _split(model.empty_cache(cfg, shapes))
+def cache_dtype(tuning: lora.Lora | None) -> np.dtype:
+    """What `@gpt2` keeps K and V in: float16 where it generates on float16
+    weights (a LoRA build's base), else float32. `@gpt2_generate`: GENERATE_DTYPE."""
+    return GENERATE_DTYPE if tuning else np.dtype("float32")
+
+
+def generation_state(cfg: model.GPT2Config, shapes: model.Shapes, kv_dtype: np.dtype) -> dict:
+    """The state groups of generation: the KV cache (K and V in `kv_dtype`, and
+    each row's position, last token and logits), and apart from it the rows'
+    generators, which `seed` writes without touching the cache."""
+    cache, rng = _split(model.empty_cache(cfg, shapes, kv_dtype))
     return {"cache": cache, "rng": rng}
 
 
 def state_names(cfg: model.GPT2Config, shapes: model.Shapes) -> list[str]:
     """What get_state returns, in order: the cache's leaves, then the generators'."""
-    return [name for group in generation_state(cfg, shapes).values() for name in sorted(group)]
+    return [name for group in generation_state(cfg, shapes, GENERATE_DTYPE).values() for name in sorted(group)]
 
 
 def _split(cache: dict) -> tuple[dict, dict]:
@@ -175,11 +181,12 @@ def entries(cfg: model.GPT2Config, shapes: model.Shapes, optimizer: str, params,
     return [table[name] for name in functions(shapes)]
 
 
-def initial_state(cfg: model.GPT2Config, shapes: model.Shapes, optimizer: str, params, base=None) -> dict:
+def initial_state(cfg: model.GPT2Config, shapes: model.Shapes, optimizer: str, params,
+                  tuning: lora.Lora | None = None, base=None) -> dict:
     return {
-        **({"base": _half(base)} if base is not None else {}),
+        **({"base": _half(base)} if tuning else {}),
         "params": params,
-        **generation_state(cfg, shapes),
+        **generation_state(cfg, shapes, cache_dtype(tuning)),
         "opt": model.make_optimizer(optimizer).init(params),
     }
 
@@ -196,7 +203,7 @@ def export_mlir(cfg: model.GPT2Config, shapes: model.Shapes, optimizer: str, par
     """The text of `@gpt2`. Only the shapes of `params` (and `base`) matter here.
     With `tuning`, `params` are the adapters and `base` the frozen weights,
     read from their float16 archive."""
-    state = initial_state(cfg, shapes, optimizer, params, base)
+    state = initial_state(cfg, shapes, optimizer, params, tuning, base)
     groups = ("base", "params") if tuning else ("params",)
     return stateful.build_module(MODULE_NAME, state, groups, entries(cfg, shapes, optimizer, params, tuning))
 
@@ -207,7 +214,7 @@ def export_generate_mlir(cfg: model.GPT2Config, shapes: model.Shapes, params) ->
     def to_half(params):
         return ({k: w.astype(GENERATE_DTYPE) for k, w in params.items()},), ()
 
-    state = {"params": params, "weights": _half(params), **generation_state(cfg, shapes)}
+    state = {"params": params, "weights": _half(params), **generation_state(cfg, shapes, GENERATE_DTYPE)}
     table = _generation(cfg, shapes, ("weights",), _upcast)
     return stateful.build_module(GENERATE_MODULE_NAME, state, ("params",),
                                  [table[n] for n in generate_functions(shapes)],
@@ -255,13 +262,14 @@ def export_build(out_dir: Path, name: str, cfg: model.GPT2Config, params: dict, 
                         "params": [[k, list(params[k].shape)] for k in sorted(params)],
                         "sha256": sha256_file(out_dir / BASE_ARCHIVE)}} if tuning else {
         "generate": {"module": GENERATE_MODULE_NAME, "functions": generate_functions(shapes),
-                     "weights_dtype": GENERATE_DTYPE.name}}
+                     "weights_dtype": GENERATE_DTYPE.name, "cache_dtype": GENERATE_DTYPE.name}}
     write_json(out_dir / "manifest.json", {
         "model": name,
         "config": dataclasses.asdict(cfg),
         "shapes": dataclasses.asdict(shapes),
         "decode_windows": list(shapes.decode_windows),
         "cache_len": shapes.cache_len,
+        "cache_dtype": cache_dtype(tuning).name,
         "optimizer": optimizer,
         "weights": weights,
         "tuning": tuning.as_manifest() if tuning else {"mode": "full"},

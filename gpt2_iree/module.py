@@ -97,6 +97,9 @@ class Module:
                              f"open it without generation=True")
         if generation and "generate" not in self.manifest:
             raise BuildError(f"{self.build_dir} predates the generation module; rebuild it with `doit`")
+        # What the module keeps its KV cache in (float32 in builds that predate the choice).
+        self.cache_dtype = np.dtype((self.manifest["generate"] if generation else self.manifest)
+                                    .get("cache_dtype", "float32"))
         device = choose_device(self.build_dir, device, generation)
         self.target = target or DRIVER_TARGETS[device]
         vmfb = self._vmfb(self.target)

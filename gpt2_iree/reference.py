@@ -12,9 +12,10 @@ import numpy as np
 
 class JaxReference:
     """prefill, decode, seed and get_state of a module with `manifest`, run by
-    JAX on `params` (a dict of arrays, as the module's weights)."""
+    JAX on `params` (a dict of arrays, as the module's weights), with K and V
+    kept in `cache_dtype` (the module's `Module.cache_dtype`)."""
 
-    def __init__(self, manifest: dict, params: dict, prompt_len: int | None = None):
+    def __init__(self, manifest: dict, params: dict, cache_dtype: np.dtype, prompt_len: int | None = None):
         import dataclasses
 
         import jax
@@ -26,7 +27,7 @@ class JaxReference:
             shapes = dataclasses.replace(shapes, prompt_len=prompt_len)
             manifest = manifest | {"shapes": dataclasses.asdict(shapes), "decode_windows": list(shapes.decode_windows)}
         self.manifest, self.params = manifest, params
-        self.cache = model.empty_cache(cfg, shapes)
+        self.cache = model.empty_cache(cfg, shapes, cache_dtype)
         self._prefill = jax.jit(lambda p, c, x, n, s, t: model.prefill(p, cfg, shapes, c, x, n, s, t))
         self._decode = jax.jit(lambda p, c, w, a, t: model.decode(p, cfg, shapes, c, w, a, t), static_argnums=2)
         self._reseeded = jax.jit(model.reseeded)

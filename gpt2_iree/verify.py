@@ -48,20 +48,21 @@ def relative_error(actual, expected) -> float:
     return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30))
 
 
-def _forward(params, cfg, tokens: list[int], length: int) -> tuple[np.ndarray, dict]:
+def _forward(params, cfg, tokens: list[int], length: int, cache_dtype: np.dtype) -> tuple[np.ndarray, dict]:
     """JAX's full causal forward over one sequence, an independent path from the
-    cache: the last position's logits, and every position's K/V by layer.
+    cache, attending over K/V rounded to `cache_dtype` as the module's cache
+    holds them: the last position's logits, and every position's K/V by layer.
     Padded to `length` (what is causal never sees the padding) so that one
     compiled forward serves every sequence."""
     from gpt2_iree import model
 
-    def run(cfg, p, t):
+    def run(cfg, cache_dtype, p, t):
         kv = {}
-        return model.forward(p, cfg, t, kv)[0], {k: v[0] for k, v in kv.items()}
+        return model.forward(p, cfg, t, kv, cache_dtype)[0], {k: v[0] for k, v in kv.items()}
 
     padded = np.zeros((1, length), np.int32)
     padded[0, :len(tokens)] = tokens
-    logits, kv = _jitted(run)(cfg, params, padded)
+    logits, kv = _jitted(run, static=2)(cfg, cache_dtype, params, padded)
     n = len(tokens)
     return np.asarray(logits[n - 1]), {k: np.asarray(v[:n]) for k, v in kv.items()}
 
@@ -69,21 +70,22 @@ def _forward(params, cfg, tokens: list[int], length: int) -> tuple[np.ndarray, d
 _JITTED: dict = {}
 
 
-def _jitted(fn):
+def _jitted(fn, static: int = 1):
     """One jax.jit per function's code, reused across calls (a new closure each
-    call would recompile). `fn` takes the model's config first, as a static
-    argument: a closure over it would keep the first call's config."""
+    call would recompile). `fn` takes the model's config (and `static` - 1 more
+    arguments) first, as static arguments: a closure over them would keep the
+    first call's."""
     import jax
 
-    return _JITTED.setdefault(fn.__code__, jax.jit(fn, static_argnums=0))
+    return _JITTED.setdefault(fn.__code__, jax.jit(fn, static_argnums=tuple(range(static))))
 
 
-def _cache_errors(state: dict, rows, params, cfg) -> dict:
+def _cache_errors(state: dict, rows, params, cfg, cache_dtype: np.dtype) -> dict:
     """Largest relative error of each row's last logits and K/V (the slots its
     history fills) against `_forward` on that history."""
     logits_err, kv_err = 0.0, 0.0
     for row in range(rows.batch):
-        logits, kv = _forward(params, cfg, rows.history[row], rows.context)
+        logits, kv = _forward(params, cfg, rows.history[row], rows.context, cache_dtype)
         logits_err = max(logits_err, relative_error(state["logits"][row, :cfg.vocab_size], logits[:cfg.vocab_size]))
         n = len(rows.history[row])
         kv_err = max(kv_err, *(relative_error(state[k][row, :n], kv[k]) for k in kv))
@@ -118,7 +120,8 @@ def _check_generation(module, params: dict, seed: int) -> dict:
     for row in range(B):
         rows.start(row, Sampling())
     rows.feed(dict(enumerate(prompts)))
-    errors = {f"prefill_{k}": v for k, v in _cache_errors(module.get_state(), rows, params, cfg).items()}
+    kv_dtype = module.cache_dtype
+    errors = {f"prefill_{k}": v for k, v in _cache_errors(module.get_state(), rows, params, cfg, kv_dtype).items()}
 
     visible = [list(p) for p in prompts]  # what each row's model sees, as llama.cpp's context shift keeps it
     tokens, reference = [], []
@@ -127,20 +130,21 @@ def _check_generation(module, params: dict, seed: int) -> dict:
             visible[row].append(rows.pending[row])
             if len(visible[row]) > T:
                 visible[row] = visible[row][-(T // 2):]
-        expected = [int(np.argmax(_forward(params, cfg, v, T)[0][:cfg.vocab_size])) for v in visible]
+        expected = [int(np.argmax(_forward(params, cfg, v, T, kv_dtype)[0][:cfg.vocab_size])) for v in visible]
         step = rows.step(set(range(B)))
         tokens.append([step[row] for row in range(B)])
         reference.append(expected)
-    errors |= {f"decode_{k}": v for k, v in _cache_errors(module.get_state(), rows, params, cfg).items()}
+    errors |= {f"decode_{k}": v for k, v in _cache_errors(module.get_state(), rows, params, cfg, kv_dtype).items()}
 
     settings = Sampling(temperature=0.8, top_k=50, top_p=0.95, seed=seed + 7)
     per_row = [dataclasses.replace(settings, seed=settings.seed + row) for row in range(B)]
     sampled = {name: _generated(target, prompts, per_row, SAMPLED_STEPS)
-               for name, target in (("module", module), ("jax", JaxReference(module.manifest, params)))}
+               for name, target in (("module", module), ("jax", JaxReference(module.manifest, params, kv_dtype)))}
     top1_tokens = _generated(module, prompts, [Sampling(temperature=1.0, top_k=1, seed=seed)] * B, DECODE_STEPS)
     greedy_tokens = _generated(module, prompts, [Sampling()] * B, DECODE_STEPS)
 
     return {
+        "cache_dtype": kv_dtype.name,
         "prompt_lengths": lengths,
         "tokens": tokens,
         "tokens_equal": tokens == reference,
@@ -259,15 +263,18 @@ def _resumed_step_error(module, params: dict, opt_state: dict, batch: tuple) -> 
     return max(relative_error(again, loss), *(relative_error(restepped[n], stepped[n]) for n in stepped))
 
 
-def rounding_cost(cfg, rounded: dict, exact: dict, length: int, seed: int = 0) -> dict:
-    """What computing with `rounded` weights instead of the `exact` float32
-    ones costs, at every position of one random sequence of `length` tokens:
-    the logits' relative error, and how often the greedy token stays the same."""
+def rounding_cost(cfg, rounded: dict, exact: dict, length: int, cache_dtype: np.dtype, seed: int = 0) -> dict:
+    """What computing with `rounded` weights and a cache of `cache_dtype`
+    instead of the `exact` float32 ones costs, at every position of one random
+    sequence of `length` tokens: the logits' relative error, and how often the
+    greedy token stays the same."""
     from gpt2_iree import model
 
     tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, (1, length), dtype=np.int32)
-    forward = _jitted(lambda cfg, p, t: model.forward(p, cfg, t)[0, :, :cfg.vocab_size])
-    with_rounded, with_exact = (np.asarray(forward(cfg, p, tokens)) for p in (rounded, exact))
+    forward = _jitted(lambda cfg, kv_dtype, p, t: model.forward(p, cfg, t, None, kv_dtype)[0, :, :cfg.vocab_size],
+                      static=2)
+    with_rounded, with_exact = (np.asarray(forward(cfg, kv_dtype, p, tokens))
+                                for p, kv_dtype in ((rounded, cache_dtype), (exact, np.dtype("float32"))))
     return {"positions": length, "logits": relative_error(with_rounded, with_exact),
             "greedy_agreement": float(np.mean(with_rounded.argmax(-1) == with_exact.argmax(-1)))}
 
@@ -290,7 +297,8 @@ def check_generation_parity(module, seed: int = 0) -> dict:
         "device": module.device,
         "tolerance": TOLERANCE,
         "weights_dtype": dtype,
-        "rounding_cost": rounding_cost(cfg, params, weights, module.manifest["shapes"]["context"], seed),
+        "rounding_cost": rounding_cost(cfg, params, weights, module.manifest["shapes"]["context"],
+                                       module.cache_dtype, seed),
         "passed": _generation_passed(report),
     }
 
@@ -391,7 +399,7 @@ def summary(report: dict) -> str:
         weights = ""
         if "weights_dtype" in r:
             cost = r["rounding_cost"]
-            weights = (f" with {r['weights_dtype']} weights (rounding them moved the logits {cost['logits']:.1e} "
+            weights = (f" with {r['weights_dtype']} weights and K/V (rounding them moved the logits {cost['logits']:.1e} "
                        f"and kept {cost['greedy_agreement']:.1%} of {cost['positions']} greedy tokens)")
         where = f"{r['device']}, running {r['module']}" if r["kind"] == "parity-on-vulkan" else r["device"]
         sampled = r["sampled"]

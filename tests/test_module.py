@@ -147,3 +147,14 @@ def test_a_cpu_module_never_loads_vulkan(tiny_build, vulkan, tmp_path):
     assert not _loads_vulkan(opened.format(str(tiny_build), "'local-task'"))
     assert not _loads_vulkan(opened.format(str(cpu_only), "None"))  # no GPU module: the default probes no GPU
     assert _loads_vulkan(opened.format(str(tiny_build), "None"))  # a vulkan module: lavapipe is probed, and refused
+
+
+def test_a_module_keeps_its_kv_cache_in_the_dtype_of_the_weights_it_generates_on(tiny_build, tiny_lora_build):
+    # float16 weights generate with a float16 cache: half the memory, half the
+    # bytes a decode step reads from it.
+    for build, generation, dtype in ((tiny_build, False, np.float32), (tiny_build, True, np.float16),
+                                     (tiny_lora_build, False, np.float16)):
+        module = Module(build, "local-task", generation=generation)
+        state = module.get_state()
+        assert module.cache_dtype == dtype
+        assert {state[f"{kv}.0"].dtype for kv in "kv"} == {np.dtype(dtype)}

@@ -73,17 +73,20 @@ def test_structure_check_names_missing_functions(tiny_build):
 
 def test_rounding_cost_follows_the_config_it_is_given():
     # verify reuses one jit per function: a second model in the same process
-    # must not run with the first one's config (here: its number of layers).
+    # must not run with the first one's config (here: its number of layers) or
+    # the first one's cache dtype.
     import jax.numpy as jnp
     import numpy as np
 
     from gpt2_iree import model
 
     for n_layer in (1, 2):
-        cfg = model.GPT2Config(n_layer=n_layer, n_embd=64, n_head=4, n_positions=16, vocab_size=100)
-        exact = {k: np.asarray(v) for k, v in model.init_params(cfg, 0).items()}
-        rounded = {k: v.astype(np.float16).astype(np.float32) for k, v in exact.items()}
-        tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 16), dtype=np.int32)
-        want = verify.relative_error(*(model.forward({k: jnp.asarray(v) for k, v in p.items()}, cfg, tokens)
-                                       [0, :, :cfg.vocab_size] for p in (rounded, exact)))
-        assert verify.rounding_cost(cfg, rounded, exact, 16)["logits"] == pytest.approx(want, rel=1e-4)
+        for cache_dtype in (np.dtype("float32"), np.dtype("float16")):
+            cfg = model.GPT2Config(n_layer=n_layer, n_embd=64, n_head=4, n_positions=16, vocab_size=100)
+            exact = {k: np.asarray(v) for k, v in model.init_params(cfg, 0).items()}
+            rounded = {k: v.astype(np.float16).astype(np.float32) for k, v in exact.items()}
+            tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 16), dtype=np.int32)
+            want = verify.relative_error(*(
+                model.forward({k: jnp.asarray(v) for k, v in p.items()}, cfg, tokens, None, dtype)[0, :, :100]
+                for p, dtype in ((rounded, cache_dtype), (exact, np.float32))))
+            assert verify.rounding_cost(cfg, rounded, exact, 16, cache_dtype)["logits"] == pytest.approx(want, rel=1e-4)
