@@ -67,8 +67,10 @@ def _i32(*shape):
 
 
 def cache_dtype(tuning: lora.Lora | None) -> np.dtype:
-    """What `@gpt2` keeps K and V in: float16 where it generates on float16
-    weights (a LoRA build's base), else float32. `@gpt2_generate`: GENERATE_DTYPE."""
+    """What `@gpt2` keeps K and V in: float16 in a LoRA build, whose point is
+    memory (its base is float16 too), else float32, as `@gpt2_generate` does
+    for speed: IREE 3.13's attention over a float16 cache is slower on the CPU
+    (docs/PERFORMANCE.md)."""
     return GENERATE_DTYPE if tuning else np.dtype("float32")
 
 
@@ -214,7 +216,7 @@ def export_generate_mlir(cfg: model.GPT2Config, shapes: model.Shapes, params) ->
     def to_half(params):
         return ({k: w.astype(GENERATE_DTYPE) for k, w in params.items()},), ()
 
-    state = {"params": params, "weights": _half(params), **generation_state(cfg, shapes, GENERATE_DTYPE)}
+    state = {"params": params, "weights": _half(params), **generation_state(cfg, shapes, cache_dtype(None))}
     table = _generation(cfg, shapes, ("weights",), _upcast)
     return stateful.build_module(GENERATE_MODULE_NAME, state, ("params",),
                                  [table[n] for n in generate_functions(shapes)],
@@ -262,7 +264,7 @@ def export_build(out_dir: Path, name: str, cfg: model.GPT2Config, params: dict, 
                         "params": [[k, list(params[k].shape)] for k in sorted(params)],
                         "sha256": sha256_file(out_dir / BASE_ARCHIVE)}} if tuning else {
         "generate": {"module": GENERATE_MODULE_NAME, "functions": generate_functions(shapes),
-                     "weights_dtype": GENERATE_DTYPE.name, "cache_dtype": GENERATE_DTYPE.name}}
+                     "weights_dtype": GENERATE_DTYPE.name, "cache_dtype": cache_dtype(None).name}}
     write_json(out_dir / "manifest.json", {
         "model": name,
         "config": dataclasses.asdict(cfg),

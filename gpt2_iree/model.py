@@ -248,6 +248,11 @@ def _embed(params, tokens, positions):
     return _rows(params["wte"], tokens) + _rows(params["wpe"], positions)
 
 
+def _rounded(x, dtype):
+    """x as a cache of `dtype` holds it, in x's own dtype."""
+    return x.astype(dtype).astype(x.dtype)
+
+
 def forward(params, cfg: GPT2Config, tokens, kv: dict | None = None, cache_dtype=jnp.float32):
     """Full causal forward over tokens (B,T) -> logits (B,T,V_padded). Given a
     dict `kv`, it also receives each layer's keys and values, "k.<i>" and
@@ -272,22 +277,15 @@ def forward(params, cfg: GPT2Config, tokens, kv: dict | None = None, cache_dtype
 # --- inference with a KV cache ------------------------------------------------
 
 
-def _rounded(x, dtype):
-    """x as a cache of `dtype` holds it, in x's own dtype."""
-    return x.astype(dtype).astype(x.dtype)
-
-
 def empty_cache(cfg: GPT2Config, shapes: Shapes, dtype=jnp.float32) -> dict[str, jax.Array]:
     """The decode state: per-layer K and V (B, cache_len, H, Q) in `dtype`; per
     row the next write position, the last token, that step's logits (kept for
     verification) and its random generator's key (threefry's two uint32
     words, held as int32: IREE's globals are signless).
 
-    A module that generates on float16 weights keeps float16 K and V, as
-    llama.cpp does by default: half the cache's memory, and half the bytes a
-    decode step reads from it (at position 900 of the 124M shape, 66 MB of
-    float32 beside 249 MB of float16 weights). Attention still computes in
-    float32, on the rounded values."""
+    A LoRA build keeps float16 K and V, as llama.cpp does by default: half
+    the cache's memory (80 MB of float32 for 124M at context 1024). Attention
+    still computes in float32, on the rounded values."""
     kv_shape = (shapes.batch, shapes.cache_len, cfg.n_head, cfg.head_dim)
     cache = {"pos": jnp.zeros((shapes.batch,), jnp.int32),
              "token": jnp.zeros((shapes.batch,), jnp.int32),
