@@ -15,9 +15,10 @@ such a device the first call failed. Here nothing depends on that import:
 * weights in memory are laid out in one page-aligned arena, every tensor at a
   page boundary (`index_of_weights`);
 * an archive is mapped on the CPU, whose local devices take any host memory
-  and use it in place; streamed into device buffers on Vulkan, whose driver
-  reads it with an async file handle; and copied into a page-aligned arena on
-  any other device (`index_of_archives`).
+  and use it in place, where the module's parameters stay constant, and
+  streamed where an entry writes them; streamed into device buffers on Vulkan,
+  whose driver reads it with an async file handle; and copied into a
+  page-aligned arena on any other device (`index_of_archives`).
 """
 
 from __future__ import annotations
@@ -28,9 +29,16 @@ import numpy as np
 
 # Apple's arm64 page; a multiple of the 4096 bytes Vulkan drivers ask for.
 PAGE = 16 << 10
-# How each driver reads a parameter archive: ParameterIndex.load's options.
-# Any other (metal, cuda: not run here) gets a page-aligned copy in host memory.
-ARCHIVE_LOADING = {"local-task": {"mmap": True}, "local-sync": {"mmap": True}, "vulkan": {"mode": "file_async"}}
+MAPPED, STREAMED = {"mmap": True}, {"mode": "file_async"}
+# How each driver reads a parameter archive (ParameterIndex.load's options),
+# by whether an entry of the module writes its parameters. The CPU uses a
+# mapped archive in place; parameters that are written, the module copies into
+# buffers of its own, so there the archive is streamed: a mapping would keep
+# the file's pages resident beside the copy (497 MB for 124M's full
+# fine-tuning). Any other driver (metal, cuda: not run here) gets a
+# page-aligned copy in host memory.
+ARCHIVE_LOADING = {"local-task": {False: MAPPED, True: STREAMED}, "local-sync": {False: MAPPED, True: STREAMED},
+                   "vulkan": {False: STREAMED, True: STREAMED}}
 
 
 def to_device(device, array: np.ndarray):
@@ -102,18 +110,19 @@ def index_of_weights(weights: dict[str, np.ndarray]) -> tuple[object, dict[str, 
     return index, placed
 
 
-def index_of_archives(paths: list[Path], driver: str):
-    """One ParameterIndex over the archives at `paths`, read the way `driver`
-    takes them (ARCHIVE_LOADING). Raises archive.ArchiveError if one is no
-    whole archive."""
+def index_of_archives(archives: list[tuple[Path, bool]], driver: str):
+    """One ParameterIndex over the archives, each a (path, whether the module
+    writes its parameters), read the way `driver` takes them (ARCHIVE_LOADING).
+    Raises archive.ArchiveError if one is no whole archive."""
     import iree.runtime as rt
 
     from gpt2_iree.archive import load_index
 
     index = rt.ParameterIndex()
-    for path in paths:
-        load_index(path, index, **ARCHIVE_LOADING.get(driver, {"mmap": True}))
-    if driver in ARCHIVE_LOADING:
+    loading = ARCHIVE_LOADING.get(driver)
+    for path, written in archives:
+        load_index(path, index, **(loading[written] if loading else MAPPED))
+    if loading:
         return index
     return index_of_weights({key: rt.parameter_index_entry_as_numpy_flat_ndarray(entry)
                              for key, entry in index.items()})[0]

@@ -141,14 +141,17 @@ class Module:
 
         if not path.is_file():
             raise BuildError(f"parameter archive {path} does not exist")
-        archives = [(path, _byte_sizes(self.manifest["params"], np.float32))]
+        # (archive, its byte sizes, whether an entry writes its parameters):
+        # the whole module's finetune and set_params write `params`.
+        archives = [(path, _byte_sizes(self.manifest["params"], np.float32), not self.generation)]
         if "base" in self.manifest:
             base = self.manifest["base"]
-            archives.append((self.build_dir / base["archive"], _byte_sizes(base["params"], base["dtype"])))
-        for archive, expected in archives:
+            archives.append((self.build_dir / base["archive"], _byte_sizes(base["params"], base["dtype"]), False))
+        for archive, expected, _ in archives:
             self._check_sizes({key: entry.length for key, entry in load_index(archive).items()}, expected,
                               f"{archive} does")
-        return device_memory.index_of_archives([archive for archive, _ in archives], self.device)
+        return device_memory.index_of_archives([(archive, written) for archive, _, written in archives],
+                                               self.device)
 
     def _index_of(self, weights: dict[str, np.ndarray]):
         """An index of a page-aligned copy of float32 `weights` and that copy,

@@ -399,14 +399,15 @@ def summary(report: dict) -> str:
         weights = ""
         if "weights_dtype" in r:
             cost = r["rounding_cost"]
-            weights = (f" with {r['weights_dtype']} weights and K/V (rounding them moved the logits {cost['logits']:.1e} "
+            weights = (f" with {r['weights_dtype']} weights and {r['cache_dtype']} K/V (rounding them moved the "
+                       f"logits {cost['logits']:.1e} "
                        f"and kept {cost['greedy_agreement']:.1%} of {cost['positions']} greedy tokens)")
         where = f"{r['device']}, running {r['module']}" if r["kind"] == "parity-on-vulkan" else r["device"]
         sampled = r["sampled"]
         tuning = r.get("tuning", {"mode": "full"})
         if tuning["mode"] == "lora":
             weights = (f" (LoRA rank {tuning['rank']}, alpha {tuning['alpha']:g}, on {'+'.join(tuning['targets'])}, "
-                       f"over a float16 base)")
+                       f"over a float16 base, {r['cache_dtype']} K/V)")
         text = (f"{what}: parity with JAX{weights} {'ok' if r['passed'] else 'FAILED'} on {where} "
                 f"(greedy tokens equal: {r['tokens_equal']}; sampled tokens equal: {sampled['equal_to_jax']}; "
                 f"top-k 1 greedy: {sampled['top_k_1_is_greedy']}; relative errors: {errors}; "

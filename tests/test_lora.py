@@ -168,7 +168,7 @@ def test_a_lora_build_tunes_saves_exports_and_rebuilds(english_tiny_model, tmp_p
     work = tmp_path / "work"
     work.mkdir()
     out = doit(work, f"model={english_tiny_model}", "tuning=lora", "targets=cpu")
-    assert "cpu: parity with JAX (LoRA rank 8, alpha 16, on attn, over a float16 base) ok" in out
+    assert "cpu: parity with JAX (LoRA rank 8, alpha 16, on attn, over a float16 base, float16 K/V) ok" in out
     build = next((work / "build").glob("local-english-tiny*/pretrained-b1-k64-c128-s128-adamw-lora-r8-a16-attn"))
     verify = json.loads((build / "verify-cpu.json").read_text())
     assert verify["passed"] and verify["relative_errors"]["finetune_params"] <= 1e-4
