@@ -113,9 +113,11 @@ def _check_finetune_outputs(args) -> None:
     for option, path in (("--out", args.out), ("--plot", args.plot), ("--json", args.json)):
         if path:
             check_output_file(option, path)
-    own_archives = {(args.build_dir / name).resolve() for name in ("gpt2.irpa", "base.irpa")}
-    if args.out and args.out.resolve() in own_archives:
-        raise Gpt2IreeError(f"--out {args.out} is the build's own archive, its input; give another file")
+    if args.out:
+        manifest = read_manifest(args.build_dir)
+        own = ("gpt2.irpa", *(manifest[group]["archive"] for group in ("base", "generate") if group in manifest))
+        if args.out.resolve() in {(args.build_dir / name).resolve() for name in own}:
+            raise Gpt2IreeError(f"--out {args.out} is the build's own archive, its input; give another file")
     for option, out_dir, files in (("--export-hf", args.export_hf, models.MODEL_FILES),
                                    ("--export-peft", args.export_peft, lora.PEFT_FILES)):
         if not out_dir:

@@ -88,20 +88,22 @@ def page_aligned_arena(sizes: dict[str, int]) -> tuple[np.ndarray, dict[str, int
     return raw[start:start + total], offsets
 
 
-def index_of_weights(weights: dict[str, np.ndarray]) -> tuple[object, dict[str, np.ndarray]]:
-    """A ParameterIndex over a page-aligned copy of `weights`, and that copy
-    (views of the arena, shaped and typed as `weights`).
+def index_of_weights(weights: dict[str, np.ndarray], dtype=None) -> tuple[object, dict[str, np.ndarray]]:
+    """A ParameterIndex over a page-aligned copy of `weights`, in `dtype` where
+    given (converted as it is copied, one tensor at a time), and that copy
+    (views of the arena, shaped as `weights`).
 
     The index keeps the arena alive for IREE, which reads it when the module
     loads; the caller may drop `weights` and keep the views instead.
     """
     import iree.runtime as rt
 
-    arena, offsets = page_aligned_arena({name: value.nbytes for name, value in weights.items()})
+    dtypes = {name: np.dtype(dtype or value.dtype) for name, value in weights.items()}
+    arena, offsets = page_aligned_arena({name: value.size * dtypes[name].itemsize for name, value in weights.items()})
     placed = {}
     for name, value in weights.items():
-        value = np.ascontiguousarray(value)
-        placed[name] = arena[offsets[name]:offsets[name] + value.nbytes].view(value.dtype).reshape(value.shape)
+        size = value.size * dtypes[name].itemsize
+        placed[name] = arena[offsets[name]:offsets[name] + size].view(dtypes[name]).reshape(value.shape)
         placed[name][...] = value
     handle = rt.FileHandle.wrap_memory(arena)
     index = rt.ParameterIndex()

@@ -13,7 +13,8 @@
   host code), so a function's sites are the launches one call of it makes.
   Each function entry also carries its own count (`dispatches`), e.g. the
   launches of one decode step. Sites in no exported function run when the
-  module loads (`dispatches_at_load`): its initializer's, and those of the
+  module loads (`dispatches_at_load`): IREE's initializers, which lay out
+  constant weights (data tiling's packing), and those of the
   command buffers IREE records there once, for a call to replay (the
   generation module's `encode`, whose own count is then 0).
 * kernels: the number of distinct executable entry points those sites launch,
@@ -181,7 +182,7 @@ def format_vmfb(info: dict) -> str:
         lines.append(f"module ({_size(info['size_bytes'])})")
     lines.append(f"executable formats: {', '.join(info['executable_formats']) or '(none)'}")
     lines.append(f"dispatches: {info['dispatches']} call sites launching {info['kernels']} distinct kernels; "
-                 f"{info['dispatches_at_load']} of the sites run at load (the initializer, and command buffers "
+                 f"{info['dispatches_at_load']} of the sites run at load (laying out constant weights, and command buffers "
                  f"recorded once for calls to replay)")
     lines.append("functions:")
     width = max((len(f["name"]) for f in info["functions"]), default=0)

@@ -95,8 +95,8 @@ class Module:
         if generation and "base" in self.manifest:
             raise BuildError(f"{self.build_dir} is a tuning=lora build: its one module generates; "
                              f"open it without generation=True")
-        if generation and "generate" not in self.manifest:
-            raise BuildError(f"{self.build_dir} predates the generation module; rebuild it with `doit`")
+        if generation and "archive" not in self.manifest.get("generate", {}):
+            raise BuildError(f"{self.build_dir} predates the float16 generation module; rebuild it with `doit`")
         # What the module keeps its KV cache in (float32 in builds that predate the choice).
         self.cache_dtype = np.dtype((self.manifest["generate"] if generation else self.manifest)
                                     .get("cache_dtype", "float32"))
@@ -109,8 +109,8 @@ class Module:
         if device.startswith("local"):
             reuse_freed_memory()
         if weights is None:
-            self.params_path, self._weights = Path(params) if params else self.build_dir / "gpt2.irpa", None
-            index = self._load_params(self.params_path)
+            self.params_path = Path(params) if params else self.build_dir / "gpt2.irpa"
+            index, self._weights = self._load_params(self.params_path, given=params is not None)
         else:
             self.params_path = None
             index, self._weights = self._index_of(weights)
@@ -134,16 +134,26 @@ class Module:
     def _vmfb(self, target: str) -> Path:
         return self.build_dir / vmfb_name(target, self.generation)
 
-    def _load_params(self, path: Path):
-        """One index over the archive at `path` and, in a LoRA build, the
-        frozen base's archive beside the module; refused if one does not fit it."""
-        from gpt2_iree.archive import load_index
+    def _load_params(self, path: Path, given: bool):
+        """(index, None): one index over the float32 archive at `path` and, in a
+        LoRA build, the frozen base's archive beside the module; refused if one
+        does not fit it. The generation module reads its own float16 archive,
+        or, `given` another (weights tuned elsewhere), that one's weights made
+        float16 on the host, as after fine-tuning (`_index_of`)."""
+        from gpt2_iree.archive import load_index, read_irpa
 
         if not path.is_file():
             raise BuildError(f"parameter archive {path} does not exist")
+        if self.generation and given:
+            return self._index_of(read_irpa(path))
         # (archive, its byte sizes, whether an entry writes its parameters):
         # the whole module's finetune and set_params write `params`.
-        archives = [(path, _byte_sizes(self.manifest["params"], np.float32), not self.generation)]
+        if self.generation:
+            generate = self.manifest["generate"]
+            archives = [(self.build_dir / generate["archive"],
+                         _byte_sizes(self.manifest["params"], generate["weights_dtype"]), False)]
+        else:
+            archives = [(path, _byte_sizes(self.manifest["params"], np.float32), True)]
         if "base" in self.manifest:
             base = self.manifest["base"]
             archives.append((self.build_dir / base["archive"], _byte_sizes(base["params"], base["dtype"]), False))
@@ -151,14 +161,16 @@ class Module:
             self._check_sizes({key: entry.length for key, entry in load_index(archive).items()}, expected,
                               f"{archive} does")
         return device_memory.index_of_archives([(archive, written) for archive, _, written in archives],
-                                               self.device)
+                                               self.device), None
 
     def _index_of(self, weights: dict[str, np.ndarray]):
-        """An index of a page-aligned copy of float32 `weights` and that copy,
-        refused if they do not fit the module."""
+        """An index of a page-aligned copy of float32 `weights` (for the
+        generation module, converted to its float16 as it is copied) and that
+        copy, refused if they do not fit the module."""
         self._check_sizes({k: v.nbytes if v.dtype == np.float32 else -1 for k, v in weights.items()},
                           _byte_sizes(self.manifest["params"], np.float32), "the weights given do")
-        return device_memory.index_of_weights(weights)
+        return device_memory.index_of_weights(weights, self.manifest["generate"]["weights_dtype"]
+                                              if self.generation else None)
 
     def _check_sizes(self, sizes: dict[str, int], expected: dict[str, int], subject: str) -> None:
         """Refuse weights whose keys or byte sizes differ from the module's
@@ -208,14 +220,17 @@ class Module:
         return float(self._host(loss))
 
     def archive_weights(self) -> dict[str, np.ndarray]:
-        """The weights the module was opened with (its archive's, or those given),
-        float32 and shaped as the module holds them: what a reference runs on."""
+        """The weights the module was opened with, float32 and shaped as the
+        module holds them: what a reference runs on. From an archive, its
+        float32 weights (for the generation module, those its float16 ones
+        were made from); given in memory, the copy the module holds (for the
+        generation module, its float16 one)."""
         from gpt2_iree.archive import read_irpa
 
         if self._weights is None:
             weights = read_irpa(self.params_path)  # fresh float32 arrays
         else:
-            weights = {name: value.copy() for name, value in self._weights.items()}  # float32, checked at open
+            weights = {name: value.astype(np.float32) for name, value in self._weights.items()}
         return {name: weights[name].reshape(shape) for name, shape in self.manifest["params"]}
 
     def base_weights(self) -> dict[str, np.ndarray] | None:

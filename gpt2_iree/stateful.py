@@ -8,8 +8,7 @@ entry loads the state it reads from `util.global`s, calls the lowered body and
 stores the state it writes. Parameters are globals initialised from a named
 parameter archive (`#flow.parameter.named<"model"::"key">`), so the weights
 ship in a `.irpa` beside the module instead of inside it. State that no entry
-writes is constant: an initializer may compute it from the parameters when the
-module loads (the generation module's float16 weights).
+writes is constant, which lets IREE prepare it once, at load.
 """
 
 from __future__ import annotations
@@ -113,17 +112,14 @@ def _rename_into(text: str, prefix: str, ctx) -> list[str]:
     return [str(op) for op in funcs]
 
 
-def build_module(module_name: str, state: dict[str, Any], param_groups: tuple[str, ...], entries: list[Entry],
-                 initializer: Entry | None = None) -> str:
+def build_module(module_name: str, state: dict[str, Any], param_groups: tuple[str, ...], entries: list[Entry]) -> str:
     """The MLIR text of one module holding `state` as globals and `entries` as functions.
 
     `state` maps group name -> pytree of initial values (or of their shapes and
     dtypes). The groups named in `param_groups` must be flat dicts; their
-    globals are read from the parameter archives under the dicts' keys. `initializer`, an
-    entry without arguments or result, runs once when the module loads and
-    computes the groups it writes from those it reads. Every other group starts
-    as the splat of its initial values (the KV cache and optimizer state start
-    at zero).
+    globals are read from the parameter archives under the dicts' keys. Every
+    other group starts as the splat of its initial values (the KV cache and
+    optimizer state start at zero).
 
     A group is mutable if an entry writes it. The others are constant once the
     module has loaded, so IREE may transform them once, at load, instead of in
@@ -132,9 +128,6 @@ def build_module(module_name: str, state: dict[str, Any], param_groups: tuple[st
     from iree.compiler import ir
 
     written = {group for entry in entries for group in entry.writes}
-    computed = set(initializer.writes) if initializer else set()
-    if written & computed:
-        raise ValueError(f"groups written both at load and by an entry: {sorted(written & computed)}")
     globals_ = {}  # group -> [(global name, leaf)]
     lines = [f"module @{module_name} {{"]
     for group, tree in state.items():
@@ -143,9 +136,7 @@ def build_module(module_name: str, state: dict[str, Any], param_groups: tuple[st
         mutable = " mutable" if group in written else ""
         for path, leaf in leaves_with_paths:
             name = _global_name(group, path)
-            if group in computed:
-                init = ""
-            elif group in param_groups:
+            if group in param_groups:
                 init = f' = #flow.parameter.named<"{PARAMETER_SCOPE}"::"{path[0].key}">'
             else:
                 init = f" = {_splat(leaf)}"
@@ -154,10 +145,10 @@ def build_module(module_name: str, state: dict[str, Any], param_groups: tuple[st
 
     ctx = ir.Context()
     bodies = []
-    for entry in ([initializer] if initializer else []) + entries:
+    for entry in entries:
         text, in_avals, result_leaves = _lower(entry, state)
         bodies += _rename_into(text, entry.name, ctx)
-        lines += _wrapper(entry, globals_, in_avals, result_leaves, at_load=entry is initializer)
+        lines += _wrapper(entry, globals_, in_avals, result_leaves)
     lines += bodies
     lines.append("}")
     module_text = "\n".join(lines) + "\n"
@@ -165,17 +156,14 @@ def build_module(module_name: str, state: dict[str, Any], param_groups: tuple[st
     return module_text
 
 
-def _wrapper(entry: Entry, globals_: dict, in_avals: list, result_leaves: list, at_load: bool = False) -> list[str]:
-    """The public function (or, `at_load`, the module's initializer): load read
-    globals, call the body, store written globals."""
+def _wrapper(entry: Entry, globals_: dict, in_avals: list, result_leaves: list) -> list[str]:
+    """The public function: load read globals, call the body, store written globals."""
     reads = [g for group in entry.reads for g in globals_[group]]
     writes = [g for group in entry.writes for g in globals_[group]]
     arg_avals = in_avals[len(reads):]
     args = [f"%arg{i}: {tensor_type(a)}" for i, a in enumerate(arg_avals)]
     results = ", ".join(tensor_type(r) for r in result_leaves)
-    if at_load and (arg_avals or result_leaves):
-        raise ValueError(f"initializer {entry.name!r} takes no arguments and returns no result")
-    out = [f"  util.initializer {{" if at_load else f"  func.func @{entry.name}({', '.join(args)}) -> ({results}) {{"]
+    out = [f"  func.func @{entry.name}({', '.join(args)}) -> ({results}) {{"]
     operands = []
     for i, (name, leaf) in enumerate(reads):
         out.append(f"    %s{i} = util.global.load @{name} : {tensor_type(leaf)}")
@@ -191,7 +179,6 @@ def _wrapper(entry: Entry, globals_: dict, in_avals: list, result_leaves: list, 
     for i, (name, leaf) in enumerate(writes):
         out.append(f"    util.global.store {ref(i)}, @{name} : {tensor_type(leaf)}")
     returned = [ref(len(writes) + i) for i in range(len(result_leaves))]
-    out.append(f"    return {', '.join(returned)} : {results}" if returned else
-               "    util.return" if at_load else "    return")
+    out.append(f"    return {', '.join(returned)} : {results}" if returned else "    return")
     out.append("  }")
     return out

@@ -19,8 +19,8 @@ def mlir_outputs(lora: bool) -> tuple[str, ...]:
 
 def outputs(lora: bool) -> tuple[str, ...]:
     """Everything an export writes but the tokenizer; a LoRA build's frozen
-    weights have their own (float16) archive."""
-    return (*mlir_outputs(lora), *(("base.irpa",) if lora else ()), "gpt2.irpa", "manifest.json")
+    weights, and a full build's generation weights, have their own (float16) archive."""
+    return (*mlir_outputs(lora), "base.irpa" if lora else "gpt2-generate.irpa", "gpt2.irpa", "manifest.json")
 
 
 def task_export():

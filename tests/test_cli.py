@@ -281,7 +281,8 @@ def test_what_would_be_lost_is_refused(tiny_build, tmp_path, capsys):
         assert main(["finetune", "--build-dir", str(tiny_build), "--text", SENTENCE, *args]) == 2
         return capsys.readouterr().err
 
-    assert "is the build's own archive, its input" in refused("--out", str(tiny_build / "gpt2.irpa"))
+    for own in ("gpt2.irpa", "gpt2-generate.irpa"):
+        assert "is the build's own archive, its input" in refused("--out", str(tiny_build / own))
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("years of work")
     assert "holds files an export does not write (thesis.tex)" in refused("--export-hf", str(tmp_path / "mine"))

@@ -165,20 +165,29 @@ def test_a_lora_module_keeps_its_kv_cache_in_float16(tiny_build, tiny_lora_build
 def test_the_cpu_maps_an_archive_only_where_its_weights_stay_constant(tiny_build, tiny_lora_build, tmp_path):
     # The whole module copies the weights it trains into buffers of its own: a
     # mapping of the archive would keep the file's pages resident beside them
-    # (497 MB for 124M). Weights that no entry writes are used where they are mapped.
+    # (497 MB for 124M). Weights that no entry writes are used where they are
+    # mapped: the generation module's float16 archive, a LoRA build's base.
     def mapped(path) -> bool:
         return any(line.rstrip().endswith(str(path)) for line in open("/proc/self/maps"))
 
-    trained, generated = tmp_path / "trained.irpa", tmp_path / "generated.irpa"
-    for copy in (trained, generated):
-        shutil.copyfile(tiny_build / "gpt2.irpa", copy)
-    whole = Module(tiny_build, "local-task", params=trained)
-    generation = Module(tiny_build, "local-task", params=generated, generation=True)
-    lora = Module(tiny_lora_build, "local-task")
-    assert not mapped(trained) and mapped(generated)
-    assert mapped(tiny_lora_build / "base.irpa") and not mapped(tiny_lora_build / "gpt2.irpa")
-    streamed, stored = whole.get_params(), archive.read_irpa(trained)
-    assert streamed.keys() == stored.keys()
+    full, lora = tmp_path / "full", tmp_path / "lora"
+    shutil.copytree(tiny_build, full)
+    shutil.copytree(tiny_lora_build, lora)
+    whole = Module(full, "local-task")
+    generation = Module(full, "local-task", generation=True)
+    tuned_elsewhere = Module(full, "local-task", params=tmp_path / "full" / "gpt2.irpa", generation=True)
+    adapted = Module(lora, "local-task")
+    assert not mapped(full / "gpt2.irpa") and mapped(full / "gpt2-generate.irpa")
+    assert mapped(lora / "base.irpa") and not mapped(lora / "gpt2.irpa")
+
+    streamed, stored = whole.get_params(), archive.read_irpa(full / "gpt2.irpa")
     for name, value in stored.items():
         np.testing.assert_array_equal(streamed[name].ravel(), value.ravel())
-    assert lora.get_params()
+    # The generation module computes on the same float16 weights whether they
+    # come from its archive or are made on the host from a float32 one.
+    def logits(module):
+        module.prefill(np.arange(64)[None], np.array([64]), np.array([0]), ((0.0,), (0,), (1.0,)))
+        return module.get_state()["logits"]
+
+    np.testing.assert_array_equal(logits(generation), logits(tuned_elsewhere))
+    assert adapted.get_params()
