@@ -77,7 +77,7 @@ def cache_dtype(tuning: lora.Lora | None) -> np.dtype:
     return GENERATE_DTYPE if tuning else np.dtype("float32")
 
 
-def generation_state(cfg: model.GPT2Config, shapes: model.Shapes, kv_dtype: np.dtype) -> dict:
+def generation_state(cfg: model.GPT2Config, shapes: model.Shapes, kv_dtype: np.dtype = np.dtype("float32")) -> dict:
     """The state groups of generation: the KV cache (K and V in `kv_dtype`, and
     each row's position, last token and logits), and apart from it the rows'
     generators, which `seed` writes without touching the cache."""
@@ -87,7 +87,7 @@ def generation_state(cfg: model.GPT2Config, shapes: model.Shapes, kv_dtype: np.d
 
 def state_names(cfg: model.GPT2Config, shapes: model.Shapes) -> list[str]:
     """What get_state returns, in order: the cache's leaves, then the generators'."""
-    return [name for group in generation_state(cfg, shapes, GENERATE_DTYPE).values() for name in sorted(group)]
+    return [name for group in generation_state(cfg, shapes).values() for name in sorted(group)]
 
 
 def _split(cache: dict) -> tuple[dict, dict]:

@@ -182,8 +182,8 @@ def format_vmfb(info: dict) -> str:
         lines.append(f"module ({_size(info['size_bytes'])})")
     lines.append(f"executable formats: {', '.join(info['executable_formats']) or '(none)'}")
     lines.append(f"dispatches: {info['dispatches']} call sites launching {info['kernels']} distinct kernels; "
-                 f"{info['dispatches_at_load']} of the sites run at load (laying out constant weights, and command buffers "
-                 f"recorded once for calls to replay)")
+                 f"{info['dispatches_at_load']} of the sites run at load (laying out constant weights, and command "
+                 f"buffers recorded once for calls to replay)")
     lines.append("functions:")
     width = max((len(f["name"]) for f in info["functions"]), default=0)
     for f in info["functions"]:
