@@ -221,10 +221,11 @@ class Module:
 
     def archive_weights(self) -> dict[str, np.ndarray]:
         """The weights the module was opened with, float32 and shaped as the
-        module holds them: what a reference runs on. From an archive, its
-        float32 weights (for the generation module, those its float16 ones
-        were made from); given in memory, the copy the module holds (for the
-        generation module, its float16 one)."""
+        module holds them: what a reference runs on. Read from an archive, its
+        float32 weights (for a generation module on the build's own archive,
+        those its float16 archive was made from); otherwise the copy the
+        module holds (for a generation module given weights or `params`, its
+        float16 one)."""
         from gpt2_iree.archive import read_irpa
 
         if self._weights is None:
