@@ -7,6 +7,9 @@ top_k[B] i32, top_p[B] f32 (one setting per row; temperature 0 is greedy):
   decode_<W>(active[B] i32, SAMPLING) -> next token[B,1]   one step for the active
       rows, attending over the first W cache slots; one entry per window W of
       `Shapes.decode_windows`
+  decode_greedy_<W>(active[B] i32) -> next token[B,1]   the same step, greedy for
+      every row and without the sampler (generation.Rows calls it when no
+      active row samples); the generators stay as they were
   seed(seeds[B] i32, rows[B] i32)            restarts the generator of the rows flagged
   finetune(text[B,S], target[B,S], lengths[B], learning_rate) -> loss
   eval_loss(text[B,S], target[B,S], lengths[B]) -> loss          changes nothing
@@ -17,7 +20,7 @@ and keeps the weights, KV cache, generators and optimizer state in globals
 between calls.
 
 The module `@gpt2_generate` (gpt2-generate.mlir) exports only the generation
-entries (prefill, decode_<W>, seed, get_state), at half the memory traffic: its
+entries (prefill, decode_<W>, decode_greedy_<W>, seed, get_state), at half the memory traffic: its
 weights are float16, from an archive of their own (gpt2-generate.irpa) that is
 mapped and read in place, and no call changes them. Being constant, they can
 be prepared for the machine once, at load (on the CPU, data tiling packs them
@@ -43,6 +46,7 @@ import numpy as np
 from gpt2_iree import lora, model, stateful
 from gpt2_iree.archive import write_irpa
 from gpt2_iree.files import replace_atomically, sha256_file, write_json, write_text
+from gpt2_iree.generation import decode_function
 
 MODULE_NAME = "gpt2"
 GENERATE_MODULE_NAME = "gpt2_generate"
@@ -50,13 +54,10 @@ GENERATE_DTYPE = np.dtype("float16")
 GENERATE_ARCHIVE = "gpt2-generate.irpa"
 
 
-def decode_function(window: int) -> str:
-    return f"decode_{window}"
-
-
 def generate_functions(shapes: model.Shapes) -> list[str]:
     """The entry points of `@gpt2_generate`, in order."""
-    return ["prefill", *map(decode_function, shapes.decode_windows), "seed", "get_state"]
+    return ["prefill", *(decode_function(window, greedy) for greedy in (False, True)
+                         for window in shapes.decode_windows), "seed", "get_state"]
 
 
 def functions(shapes: model.Shapes) -> list[str]:
@@ -117,6 +118,13 @@ def _generation(cfg: model.GPT2Config, shapes: model.Shapes, weights: tuple[str,
             return _split(new), token[:, None]
         return decode
 
+    def greedy_decoder(window: int):
+        def decode(*args):
+            cache, rng, active = args[n:]
+            new, token = model.decode(network(*args[:n]), cfg, shapes, cache | rng, window, active, None)
+            return _split(new)[:1], token[:, None]
+        return decode
+
     def seed(rng, seeds, rows):
         return ({"key": model.reseeded(rng["key"], seeds, rows)},), ()
 
@@ -131,6 +139,8 @@ def _generation(cfg: model.GPT2Config, shapes: model.Shapes, weights: tuple[str,
         name = decode_function(window)
         table[name] = stateful.Entry(name, decoder(window), (_i32(B), *sampling), reads=state,
                                      writes=("cache", "rng"))
+        name = decode_function(window, greedy=True)
+        table[name] = stateful.Entry(name, greedy_decoder(window), (_i32(B),), reads=state, writes=("cache",))
     return table
 
 

@@ -14,6 +14,8 @@ token on the device; only token ids cross to the host.
   longer sees the older half.
 * Rows are independent: a row that is not fed or not stepped keeps its state
   (prefill length 0, decode inactive), and each row has its own generator.
+* A step in which no row samples runs the module's greedy decode entry,
+  which leaves the sampler out (and the generators as they were).
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ from __future__ import annotations
 import numpy as np
 
 from gpt2_iree.sampling import Sampling
+
+
+def decode_function(window: int, greedy: bool = False) -> str:
+    """The module's decode entry for `window`; `greedy`, the one without the sampler."""
+    return f"decode_greedy_{window}" if greedy else f"decode_{window}"
 
 
 class Rows:
@@ -78,7 +85,8 @@ class Rows:
             window = next(w for w in self.windows if w > position)
             active = np.zeros(self.batch, np.int32)
             active[list(decoding)] = 1
-            tokens = self.module.decode(window, active, self._sampling())
+            greedy = all(self.settings[r].temperature == 0 for r in decoding)
+            tokens = self.module.decode(window, active, None if greedy else self._sampling())
             for r in decoding:
                 self.history[r].append(self.pending[r])
                 self.pending[r] = int(tokens[r])

@@ -20,6 +20,7 @@ from gpt2_iree import device_memory
 from gpt2_iree.archive import PARAMETER_SCOPE
 from gpt2_iree.devices import DRIVER_TARGETS, available_devices, default_device, has_device
 from gpt2_iree.errors import Gpt2IreeError
+from gpt2_iree.generation import decode_function
 from gpt2_iree.targets import vmfb_name
 
 # What `doit` builds with no vars (tests/test_module.py keeps the two in step).
@@ -97,6 +98,8 @@ class Module:
                              f"open it without generation=True")
         if generation and "archive" not in self.manifest.get("generate", {}):
             raise BuildError(f"{self.build_dir} predates the float16 generation module; rebuild it with `doit`")
+        if decode_function(self.manifest["decode_windows"][0], greedy=True) not in self.manifest["functions"]:
+            raise BuildError(f"{self.build_dir} predates the greedy decode entries; rebuild it with `doit`")
         # What the module keeps its KV cache in (float32 in builds that predate the choice).
         self.cache_dtype = np.dtype((self.manifest["generate"] if generation else self.manifest)
                                     .get("cache_dtype", "float32"))
@@ -198,10 +201,14 @@ class Module:
         tokens = self.functions.prefill(*self._args(*_int32(chunk, lengths, starts), *_settings(sampling)))
         return self._host(tokens)[:, 0]
 
-    def decode(self, window: int, active: np.ndarray, sampling: tuple) -> np.ndarray:
+    def decode(self, window: int, active: np.ndarray, sampling: tuple | None) -> np.ndarray:
         """One step of the active rows, attending over the first `window` cache
-        slots (one of the manifest's decode_windows); each row's token (B,)."""
-        decode = getattr(self.functions, f"decode_{window}")
+        slots (one of the manifest's decode_windows); each row's token (B,).
+        `sampling` None: greedy, on the entry without the sampler."""
+        if sampling is None:
+            decode = getattr(self.functions, decode_function(window, greedy=True))
+            return self._host(decode(*self._args(*_int32(active))))[:, 0]
+        decode = getattr(self.functions, decode_function(window))
         return self._host(decode(*self._args(*_int32(active), *_settings(sampling))))[:, 0]
 
     def seed(self, seeds: np.ndarray, rows: np.ndarray) -> None:

@@ -111,7 +111,7 @@ def test_finetune_then_generate_with_saved_weights(tiny_build, tmp_path):
 def test_inspect_vmfb_and_irpa(tiny_build, capsys):
     assert main(["inspect", str(tiny_build / "gpt2-metal.vmfb")]) == 0
     out = capsys.readouterr().out
-    for name in ("prefill", "decode_64", "decode_128", "seed", "finetune", "eval_loss", "get_params", "set_params",
+    for name in ("prefill", "decode_64", "decode_128", "decode_greedy_64", "seed", "finetune", "eval_loss", "get_params", "set_params",
                  "get_opt_state", "set_opt_state", "get_state", "metal-msl-fb"):
         assert name in out
     assert main(["inspect", str(tiny_build / "gpt2.irpa")]) == 0

@@ -9,8 +9,9 @@ from gpt2_iree import inspection
 from gpt2_iree.errors import Gpt2IreeError
 
 # tiny's defaults: a context of 128 in chunks of 64, so decode windows of 64 and 128.
-FUNCTIONS = ["prefill", "decode_64", "decode_128", "seed", "finetune", "eval_loss", "get_params", "set_params",
-             "get_opt_state", "set_opt_state", "get_state"]
+DECODE = ["decode_64", "decode_128", "decode_greedy_64", "decode_greedy_128"]
+FUNCTIONS = ["prefill", *DECODE, "seed", "finetune", "eval_loss", "get_params", "set_params", "get_opt_state",
+             "set_opt_state", "get_state"]
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +30,7 @@ def test_cpu_functions_and_signatures(cpu, tiny_build):
     sampling = "tensor<1xf32>, tensor<1xi32>, tensor<1xf32>"
     assert sig["prefill"] == f"prefill(tensor<1x64xi32>, tensor<1xi32>, tensor<1xi32>, {sampling}) -> tensor<1x1xi32>"
     assert sig["decode_64"] == f"decode_64(tensor<1xi32>, {sampling}) -> tensor<1x1xi32>"
+    assert sig["decode_greedy_64"] == "decode_greedy_64(tensor<1xi32>) -> tensor<1x1xi32>"
     assert sig["seed"] == "seed(tensor<1xi32>, tensor<1xi32>) -> ()"
     assert sig["finetune"] == ("finetune(tensor<1x128xi32>, tensor<1x128xi32>, tensor<1xi32>, tensor<f32>) "
                                "-> tensor<f32>")
@@ -48,12 +50,13 @@ def test_dispatch_and_kernel_counts(cpu, metal):
         per_function = {f["name"]: f["dispatches"] for f in info["functions"]}
         assert per_function["prefill"] >= 1 and per_function["decode_64"] >= 1
         assert per_function["finetune"] > per_function["decode_64"]  # forward + backward + optimizer
+        assert per_function["decode_64"] > per_function["decode_greedy_64"] >= 1  # the sampler left out
         assert sum(per_function.values()) <= info["dispatches"]
 
 
 def test_the_generation_module_records_command_buffers_at_load(tiny_build):
     info = inspection.inspect_vmfb(tiny_build / "gpt2-generate-cpu.vmfb")
-    assert [f["name"] for f in info["functions"]] == ["prefill", "decode_64", "decode_128", "seed", "get_state"]
+    assert [f["name"] for f in info["functions"]] == ["prefill", *DECODE, "seed", "get_state"]
     per_function = {f["name"]: f["dispatches"] for f in info["functions"]}
     assert per_function["decode_64"] >= 1
     # The constant weights are laid out at load (data tiling packs them): a launch at least per weight.
