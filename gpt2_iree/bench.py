@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gpt2_iree import host_cpu
 from gpt2_iree.files import replace_atomically
 
 DECODE_STEPS = 32
@@ -264,6 +265,7 @@ def run_benchmark(build_dir: Path, device: str | None = None, repeats: int = 5, 
         "config": {**manifest["config"], **manifest["shapes"], "optimizer": optimizer,
                    "tuning": manifest.get("tuning", {"mode": "full"})},
         "device": module.device,
+        "cpu": host_cpu.describe_cpu(),
         "repeats": repeats,
     }
 
@@ -295,6 +297,7 @@ def format_table(result: dict) -> str:
     dtype = result["generation_weights"]
     out = [f"{result['model']} ({shape}) on IREE {result['device']} vs jax.jit; "
            f"medians of {result['repeats']}; IREE/JAX < 1 means IREE is faster",
+           f"CPU: {result['cpu']['model']}, SIMD {' '.join(result['cpu']['simd']) or 'unknown'}",
            f"IREE prefills and decodes with {dtype} weights, JAX with float32 (its fastest)",
            line(header), *(line(r) for r in rows),
            f"memory bandwidth: {result['bandwidth_gbs']:.1f} GB/s",

@@ -5,13 +5,13 @@ import math
 
 import pytest
 
-from gpt2_iree import bench
+from gpt2_iree import bench, host_cpu
 
 PAIRS = ("prefill_ms", "long_prefill_ms", "decode_ms_per_token", "decode_late_ms_per_token",
          "decode_float32_ms_per_token", "finetune_s_per_step")
 KEYS = {*PAIRS, "decode_sampled_ms_per_token", "tokens_per_s", "generation_weights", "bandwidth_gbs",
         "decode_floor_ms", "decode_late_floor_ms", "decode_float32_floor_ms", "peak_rss_mb", "model", "config",
-        "device", "repeats"}
+        "device", "cpu", "repeats"}
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,8 @@ def test_result_has_every_metric(run, tiny_build):
     assert result["decode_sampled_ms_per_token"]["iree"] > 0
     assert result["config"]["n_layer"] == manifest["config"]["n_layer"]
     assert result["device"] == "local-task" and result["repeats"] == 2
+    # Every figure says which CPU made it: its model, and the SIMD features its kernels depend on.
+    assert result["cpu"] == host_cpu.describe_cpu()
     json.dumps(result)  # JSON-able as it is
     # One progress line per phase at least (prefill, decode, finetune, bandwidth).
     assert len(log) >= 4 and any("decode" in line for line in log)
@@ -65,6 +67,7 @@ def test_format_table_mentions_every_metric(result):
                  "tokens/s", "IREE", "JAX", "IREE/JAX", "bandwidth", "floor", "float16", "float32 module"):
         assert word in table, word
     assert f"{result['prefill_ms']['ratio']:.2f}x" in table
+    assert result["cpu"]["model"] in table
 
 
 def test_plot_writes_a_png(result, tmp_path):
