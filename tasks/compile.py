@@ -3,7 +3,7 @@ gpt2-generate-<target>.vmfb where the target has a generation module."""
 
 from doit.tools import config_changed
 
-from gpt2_iree.targets import TARGETS, Target, log_name, vmfb_name
+from gpt2_iree.targets import TARGETS, Target, flag_files, log_name, vmfb_name
 from tasks.actions import call, remove_outputs
 from tasks.config import load_config
 from tasks.export import mlir_outputs
@@ -32,9 +32,11 @@ def task_compile():
             "name": name,
             "doc": f"gpt2-{name}.vmfb: {target.description}",
             "actions": [call(ENTRY, cfg.toolchain_json, cfg.build_dir, name)],
-            "file_dep": [*(cfg.build_dir / mlir for mlir in mlir_outputs(lora)), cfg.toolchain_json, *SOURCES],
+            "file_dep": [*(cfg.build_dir / mlir for mlir in mlir_outputs(lora)), cfg.toolchain_json, *SOURCES,
+                         *flag_files(target)],
             "targets": [cfg.build_dir / f for f in outputs(target, lora) if f.endswith(".vmfb")],
-            "uptodate": [config_changed({"flags": target.flags, **({"lora_flags": target.lora_flags} if lora else
-                                                                      {"generate_flags": target.generate_flags})})],
+            "uptodate": [config_changed({"flags": target.flags, "training_flags": target.training_flags,
+                                         **({"lora_flags": target.lora_flags} if lora else
+                                            {"generate_flags": target.generate_flags})})],
             "clean": [(remove_outputs, [cfg.build_dir, outputs(target, lora)])],
         }

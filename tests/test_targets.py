@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt2_iree import targets
+from gpt2_iree import host_cpu, targets
 from gpt2_iree.targets import TARGETS, Target, compile_command, get_target, log_name, vmfb_name
 
 TINY_MODULE = """\
@@ -165,6 +165,42 @@ def test_the_metal_kernels_compile_for_vulkan_with_the_apple_gpu(iree_compile, t
         assert any("vulkan_spirv_fb" in entry for entry in archive.namelist())
     with pytest.raises(ValueError, match="names no GPU description"):
         targets.on_vulkan(get_target("cpu"))
+
+
+# The three matmuls of a fine-tuning step on output-major weights w (out, in):
+# the forward pass x.w^T, the input gradient g.w and the weight gradient g^T.x.
+MATMULS_MODULE = """\
+func.func @step(%x: tensor<128x768xf32>, %w: tensor<3072x768xf32>, %g: tensor<128x3072xf32>)
+    -> (tensor<128x3072xf32>, tensor<128x768xf32>, tensor<3072x768xf32>) {
+  %y = stablehlo.dot_general %x, %w, contracting_dims = [1] x [1]
+      : (tensor<128x768xf32>, tensor<3072x768xf32>) -> tensor<128x3072xf32>
+  %dx = stablehlo.dot_general %g, %w, contracting_dims = [1] x [0]
+      : (tensor<128x3072xf32>, tensor<3072x768xf32>) -> tensor<128x768xf32>
+  %dw = stablehlo.dot_general %g, %x, contracting_dims = [0] x [0]
+      : (tensor<128x3072xf32>, tensor<128x768xf32>) -> tensor<3072x768xf32>
+  return %y, %dx, %dw : tensor<128x3072xf32>, tensor<128x768xf32>, tensor<3072x768xf32>
+}
+"""
+
+
+def test_the_avx2_tuning_spec_retiles_the_gradient_matmuls_only(iree_compile, tmp_path):
+    # Any x86 host: the spec is read and matched whatever CPU compiles it.
+    source = tmp_path / "matmuls.mlir"
+    source.write_text(MATMULS_MODULE)
+    configs = subprocess.run(
+        [iree_compile, str(source), "--iree-hal-target-backends=llvm-cpu", "--iree-llvmcpu-target-cpu=haswell",
+         f"--iree-codegen-tuning-spec-path={targets.AVX2_MATMUL_TUNING}", "--compile-to=executable-configurations"],
+        capture_output=True, text=True, timeout=120, check=True).stdout
+    tiles = {line.split("ins(")[1].split(")")[0].split(":")[1].strip(): "vector_common_parallel = [6, 16, 0]" in line
+             for line in configs.splitlines() if "linalg.matmul" in line and "lowering_config" in line}
+    assert tiles == {"tensor<128x768xf32>, tensor<3072x768xf32>": False,   # forward: IREE's own tile
+                     "tensor<128x3072xf32>, tensor<3072x768xf32>": True,   # input gradient
+                     "tensor<128x3072xf32>, tensor<128x768xf32>": True}    # weight gradient
+    cpu = get_target("cpu")
+    whole = compile_command("iree-compile", cpu, Path("gpt2.mlir"), Path("out.vmfb"))
+    generation = compile_command("iree-compile", cpu, Path("gpt2-generate.mlir"), Path("out.vmfb"), generation=True)
+    spec = f"--iree-codegen-tuning-spec-path={targets.AVX2_MATMUL_TUNING}"
+    assert (spec in whole) == host_cpu.is_avx2_without_avx512() and spec not in generation
 
 
 def test_compile_command_adds_the_generation_flags():
