@@ -205,11 +205,10 @@ class Module:
         """One step of the active rows, attending over the first `window` cache
         slots (one of the manifest's decode_windows); each row's token (B,).
         `sampling` None: greedy, on the entry without the sampler."""
-        if sampling is None:
-            decode = getattr(self.functions, decode_function(window, greedy=True))
-            return self._host(decode(*self._args(*_int32(active))))[:, 0]
-        decode = getattr(self.functions, decode_function(window))
-        return self._host(decode(*self._args(*_int32(active), *_settings(sampling))))[:, 0]
+        greedy = sampling is None
+        decode = getattr(self.functions, decode_function(window, greedy))
+        settings = () if greedy else _settings(sampling)
+        return self._host(decode(*self._args(*_int32(active), *settings)))[:, 0]
 
     def seed(self, seeds: np.ndarray, rows: np.ndarray) -> None:
         """Restart the generator of each row whose `rows` flag is set, at its seed."""
