@@ -16,18 +16,31 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def export_tiny(root, batch: int = 1, optimizer: str = "adafactor", tuning: dict | None = None):
+    """The tiny model's assets and build inputs under `root`, as the assets and
+    export stages write them (no module compiled); the build directory."""
+    from gpt2_iree import export, models
+
+    models.write_tiny_model(root / "assets")
+    export.build(root / "build", "tiny", root / "assets", "pretrained", None,
+                 {"batch": batch, "prompt_len": 64, "context": 128, "seq_len": 128}, optimizer, tuning)
+    return root / "build"
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+    """The tiny model exported, nothing compiled: for what reads only the archive and manifest."""
+    return export_tiny(tmp_path_factory.mktemp("tiny-export"))
+
+
 @pytest.fixture(scope="session")
 def tiny_build(tmp_path_factory):
     """A built tiny model (cpu and metal modules, each whole and for generation), made once per test session
     with the same library calls the doit stages make."""
-    from gpt2_iree import compiler, export, models, toolchain
+    from gpt2_iree import compiler, toolchain
     from gpt2_iree.targets import get_target
 
-    root = tmp_path_factory.mktemp("tiny")
-    model_dir, build_dir = root / "assets", root / "build"
-    models.write_tiny_model(model_dir)
-    export.build(build_dir, "tiny", model_dir, "pretrained", None,
-                 {"batch": 1, "prompt_len": 64, "context": 128, "seq_len": 128}, "adafactor")
+    build_dir = export_tiny(tmp_path_factory.mktemp("tiny"))
     for name in ("cpu", "metal"):
         compiler.compile_target(toolchain.iree_compile(), build_dir, get_target(name))
     return build_dir
@@ -72,15 +85,12 @@ def tiny_vulkan_build(tiny_build, vulkan):
 @pytest.fixture(scope="session")
 def tiny_batch_build(tmp_path_factory):
     """The tiny model built for batch=2 (cpu modules only)."""
-    from gpt2_iree import compiler, export, models, toolchain
+    from gpt2_iree import compiler, toolchain
     from gpt2_iree.targets import get_target
 
-    root = tmp_path_factory.mktemp("tiny-batch")
-    models.write_tiny_model(root / "assets")
-    export.build(root / "build", "tiny", root / "assets", "pretrained", None,
-                 {"batch": 2, "prompt_len": 64, "context": 128, "seq_len": 128}, "adafactor")
-    compiler.compile_target(toolchain.iree_compile(), root / "build", get_target("cpu"))
-    return root / "build"
+    build_dir = export_tiny(tmp_path_factory.mktemp("tiny-batch"), batch=2)
+    compiler.compile_target(toolchain.iree_compile(), build_dir, get_target("cpu"))
+    return build_dir
 
 
 # LoRA's settings in the tests: both targets, so every adapted projection is covered.
@@ -90,15 +100,12 @@ TINY_LORA = {"rank": 8, "alpha": 16.0, "targets": ["attn", "mlp"]}
 @pytest.fixture(scope="session")
 def tiny_lora_build(tmp_path_factory):
     """The tiny model built with tuning=lora (TINY_LORA, AdamW; cpu module only)."""
-    from gpt2_iree import compiler, export, models, toolchain
+    from gpt2_iree import compiler, toolchain
     from gpt2_iree.targets import get_target
 
-    root = tmp_path_factory.mktemp("tiny-lora")
-    models.write_tiny_model(root / "assets")
-    export.build(root / "build", "tiny", root / "assets", "pretrained", None,
-                 {"batch": 1, "prompt_len": 64, "context": 128, "seq_len": 128}, "adamw", TINY_LORA)
-    compiler.compile_target(toolchain.iree_compile(), root / "build", get_target("cpu"))
-    return root / "build"
+    build_dir = export_tiny(tmp_path_factory.mktemp("tiny-lora"), optimizer="adamw", tuning=TINY_LORA)
+    compiler.compile_target(toolchain.iree_compile(), build_dir, get_target("cpu"))
+    return build_dir
 
 
 @pytest.fixture(scope="session")

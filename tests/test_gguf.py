@@ -12,7 +12,7 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
-from gpt2_iree import export, model, models  # noqa: E402
+from gpt2_iree import model, models  # noqa: E402
 from gpt2_iree.archive import read_irpa  # noqa: E402
 from gpt2_iree.gguf import main, write_gguf  # noqa: E402
 from gpt2_iree.module import BuildError  # noqa: E402
@@ -22,22 +22,13 @@ CFG = model.GPT2Config(**models.TINY_SHAPE)
 F32, F16, Q8_0 = gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.Q8_0
 
 
-@pytest.fixture(scope="module")
-def build(tmp_path_factory):
-    """The tiny model's build inputs, as the export stage writes them."""
-    root = tmp_path_factory.mktemp("gguf")
-    models.write_tiny_model(root / "assets")
-    export.build(root / "build", "tiny", root / "assets", "pretrained", None,
-                 {"batch": 1, "prompt_len": 64, "context": 128, "seq_len": 128}, "adafactor")
-    return root / "build"
-
 
 @pytest.fixture(scope="module")
-def files(build, tmp_path_factory):
+def files(tiny_export, tmp_path_factory):
     """weight type -> the GGUF the command line wrote of the build."""
     out = tmp_path_factory.mktemp("gguf-out")
     for weight_type in ("f16", "q8_0"):
-        assert main([str(build), str(out / f"tiny-{weight_type}.gguf"), "--type", weight_type]) == 0
+        assert main([str(tiny_export), str(out / f"tiny-{weight_type}.gguf"), "--type", weight_type]) == 0
     # Written under temporary names and renamed: nothing else is left beside them.
     assert sorted(p.name for p in out.iterdir()) == ["tiny-f16.gguf", "tiny-q8_0.gguf"]
     return {weight_type: out / f"tiny-{weight_type}.gguf" for weight_type in ("f16", "q8_0")}
@@ -84,9 +75,9 @@ def field(reader, key):
 
 
 @pytest.mark.parametrize("weight_type", ["f16", "q8_0"])
-def test_tensors_are_our_weights_named_and_laid_out_as_llama_cpp_expects(build, files, weight_type):
+def test_tensors_are_our_weights_named_and_laid_out_as_llama_cpp_expects(tiny_export, files, weight_type):
     matrix_type = {"f16": F16, "q8_0": Q8_0}[weight_type]
-    expected = llama_cpp_tensors(our_weights(build))
+    expected = llama_cpp_tensors(our_weights(tiny_export))
     tensors = {t.name: t for t in gguf.GGUFReader(files[weight_type]).tensors}
     assert sorted(tensors) == sorted(expected)
     for name, (ours, shape) in expected.items():
@@ -120,10 +111,10 @@ def test_metadata_is_the_models_shape(files, weight_type):
     assert field(reader, "gpt2.attention.layer_norm_epsilon") == pytest.approx(CFG.layer_norm_epsilon)
 
 
-def test_vocabulary_is_the_builds_tokenizer(build, files):
+def test_vocabulary_is_the_builds_tokenizer(tiny_export, files):
     from tokenizers import Tokenizer
 
-    vocab = Tokenizer.from_file(str(build / "tokenizer.json")).get_vocab(with_added_tokens=True)
+    vocab = Tokenizer.from_file(str(tiny_export / "tokenizer.json")).get_vocab(with_added_tokens=True)
     reader = gguf.GGUFReader(files["f16"])
     assert field(reader, "tokenizer.ggml.model") == "gpt2"
     assert field(reader, "tokenizer.ggml.pre") == "gpt-2"
@@ -146,10 +137,10 @@ def copy_of(build, tmp_path, **manifest_changes):
     return copy
 
 
-def test_merges_are_the_tokenizers_and_missing_ids_are_padding(build, tmp_path):
+def test_merges_are_the_tokenizers_and_missing_ids_are_padding(tiny_export, tmp_path):
     from tokenizers import Tokenizer, models as tokenizer_models, pre_tokenizers
 
-    copy = copy_of(build, tmp_path)
+    copy = copy_of(tiny_export, tmp_path)
     tokenizer = Tokenizer(tokenizer_models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.add_special_tokens([END_OF_TEXT])
@@ -165,8 +156,8 @@ def test_merges_are_the_tokenizers_and_missing_ids_are_padding(build, tmp_path):
     assert field(reader, "tokenizer.ggml.eos_token_id") == 3
 
 
-def test_a_build_without_tokenizer_gets_a_placeholder_vocabulary(build, tmp_path):
-    write_gguf(copy_of(build, tmp_path, tokenizer=None), tmp_path / "out.gguf", "q8_0")
+def test_a_build_without_tokenizer_gets_a_placeholder_vocabulary(tiny_export, tmp_path):
+    write_gguf(copy_of(tiny_export, tmp_path, tokenizer=None), tmp_path / "out.gguf", "q8_0")
     reader = gguf.GGUFReader(tmp_path / "out.gguf")
     tokens = field(reader, "tokenizer.ggml.tokens")
     assert len(tokens) == len(set(tokens)) == CFG.vocab_size
@@ -174,17 +165,17 @@ def test_a_build_without_tokenizer_gets_a_placeholder_vocabulary(build, tmp_path
     assert field(reader, "tokenizer.ggml.merges")
 
 
-def test_refuses_what_it_cannot_write(build, tmp_path, capsys):
+def test_refuses_what_it_cannot_write(tiny_export, tmp_path, capsys):
     out = tmp_path / "out.gguf"
     assert main([str(tmp_path / "nowhere"), str(out)]) == 2
     assert "is not built yet" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
-        main([str(build), str(out), "--type", "q4_0"])
+        main([str(tiny_export), str(out), "--type", "q4_0"])
     assert exit_.value.code == 2
     assert "invalid choice: 'q4_0'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown weight type 'bf16'"):
-        write_gguf(build, out, "bf16")
-    lora = copy_of(build, tmp_path, tuning={"mode": "lora", "rank": 8, "alpha": 16.0, "targets": ["attn"]})
+        write_gguf(tiny_export, out, "bf16")
+    lora = copy_of(tiny_export, tmp_path, tuning={"mode": "lora", "rank": 8, "alpha": 16.0, "targets": ["attn"]})
     with pytest.raises(BuildError, match="tuning=lora build"):
         write_gguf(lora, out)
     assert not out.exists()
