@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from gpt2_iree.errors import Gpt2IreeError
 
 # iree.runtime driver -> the target whose vmfb it executes.
 DRIVER_TARGETS = {"metal": "metal", "local-task": "cpu", "local-sync": "cpu", "vulkan": "vulkan", "cuda": "cuda"}
@@ -14,6 +17,42 @@ DEVICE_PREFERENCE = ("metal", "cuda", "vulkan", "local-task")
 # device's name, not its type, so they are known by name: Mesa's lavapipe
 # calls itself "llvmpipe (LLVM ...)", Google's "SwiftShader Device (...)".
 SOFTWARE_VULKAN_NAMES = ("llvmpipe", "lavapipe", "swiftshader")
+
+
+# The device of each driver that this process has opened. iree.runtime caches
+# one per driver too, but for good: once a device was lost, every module
+# opened after it in the process failed. Here a lost device is forgotten
+# (`reports_device_loss`), and the next module opens a new one.
+_OPENED: dict[str, object] = {}
+
+
+class DeviceLostError(Gpt2IreeError):
+    """The driver gave up on the device under a module (IREE's status DATA_LOSS:
+    Vulkan's VK_ERROR_DEVICE_LOST): whatever the module held on it is gone."""
+
+
+def open_device(driver: str):
+    """The process's device of `driver` (an rt.HalDevice), opened on first use."""
+    import iree.runtime as rt
+
+    if driver not in _OPENED:
+        _OPENED[driver] = rt.get_device(driver, cache=False)
+    return _OPENED[driver]
+
+
+@contextmanager
+def reports_device_loss(driver: str, work: str) -> Iterator[None]:
+    """Run `work` on `driver`'s device; if the device is lost, forget it and
+    raise DeviceLostError, which names the device and the work."""
+    try:
+        yield
+    except RuntimeError as err:
+        if isinstance(err, Gpt2IreeError) or "DATA_LOSS" not in str(err):
+            raise
+        _OPENED.pop(driver, None)
+        raise DeviceLostError(f"the {driver} device was lost during {work} ({str(err).strip().splitlines()[0]}); "
+                              f"what the module held on it is gone, fine-tuned weights since the last save or "
+                              f"checkpoint included; open the build again for a new device") from err
 
 
 def _devices(driver: str) -> list[dict] | None:

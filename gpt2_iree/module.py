@@ -10,6 +10,7 @@ numpy arrays in and out of its entry points; `session.Session` puts text on top.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import platform
 from pathlib import Path
@@ -18,7 +19,8 @@ import numpy as np
 
 from gpt2_iree import device_memory
 from gpt2_iree.archive import PARAMETER_SCOPE
-from gpt2_iree.devices import DRIVER_TARGETS, available_devices, default_device, has_device
+from gpt2_iree.devices import (DRIVER_TARGETS, available_devices, default_device, has_device, open_device,
+                               reports_device_loss)
 from gpt2_iree.errors import Gpt2IreeError
 from gpt2_iree.generation import decode_function
 from gpt2_iree.targets import vmfb_name
@@ -76,6 +78,15 @@ def choose_device(build_dir: Path, device: str | None = None, generation: bool =
     return device
 
 
+def _on_device(entry):
+    """An entry of Module whose lost device raises DeviceLostError naming it."""
+    @functools.wraps(entry)
+    def run(self, *args, **kwargs):
+        with reports_device_loss(self.device, f"{entry.__name__} of {self._vmfb(self.target).name}"):
+            return entry(self, *args, **kwargs)
+    return run
+
+
 class Module:
     """A compiled module of a build on one device, its weights read from a
     parameter archive or, given as `weights`, from arrays in memory.
@@ -118,7 +129,7 @@ class Module:
             self.params_path = None
             index, self._weights = self._index_of(weights)
 
-        config = rt.Config(device)
+        config = rt.Config(device=open_device(device))
         self._device = config.device
         try:
             compiled = rt.VmModule.mmap(config.vm_instance, str(vmfb))
@@ -130,7 +141,8 @@ class Module:
             rt.create_hal_module(config.vm_instance, config.device),
             compiled,
         ]
-        self._context = rt.SystemContext(vm_modules=self._modules, config=config)
+        with reports_device_loss(device, f"loading {vmfb.name}"):  # its initializer loads the weights
+            self._context = rt.SystemContext(vm_modules=self._modules, config=config)
         name = self.manifest["generate"]["module"] if generation else "gpt2"
         self.functions = getattr(self._context.modules, name)
 
@@ -195,12 +207,14 @@ class Module:
     def _host(self, result) -> np.ndarray:
         return device_memory.to_numpy(self._device, result)
 
+    @_on_device
     def prefill(self, chunk: np.ndarray, lengths: np.ndarray, starts: np.ndarray, sampling: tuple) -> np.ndarray:
         """Append chunk[b, :lengths[b]] to row b's cache at starts[b]; each row's
         next token (B,). `sampling`: temperature (B,), top_k (B,), top_p (B,)."""
         tokens = self.functions.prefill(*self._args(*_int32(chunk, lengths, starts), *_settings(sampling)))
         return self._host(tokens)[:, 0]
 
+    @_on_device
     def decode(self, window: int, active: np.ndarray, sampling: tuple | None) -> np.ndarray:
         """One step of the active rows, attending over the first `window` cache
         slots (one of the manifest's decode_windows); each row's token (B,).
@@ -210,15 +224,18 @@ class Module:
         settings = () if greedy else _settings(sampling)
         return self._host(decode(*self._args(*_int32(active), *settings)))[:, 0]
 
+    @_on_device
     def seed(self, seeds: np.ndarray, rows: np.ndarray) -> None:
         """Restart the generator of each row whose `rows` flag is set, at its seed."""
         self.functions.seed(*self._args(*_int32(seeds, rows)))
 
+    @_on_device
     def finetune(self, text: np.ndarray, target: np.ndarray, lengths: np.ndarray, learning_rate: float) -> float:
         loss = self.functions.finetune(*self._args(text.astype(np.int32), target.astype(np.int32),
                                                    lengths.astype(np.int32), np.float32(learning_rate)))
         return float(self._host(loss))
 
+    @_on_device
     def eval_loss(self, text: np.ndarray, target: np.ndarray, lengths: np.ndarray) -> float:
         """The loss of a batch on the current weights; nothing in the module changes."""
         loss = self.functions.eval_loss(*self._args(text.astype(np.int32), target.astype(np.int32),
@@ -251,25 +268,30 @@ class Module:
         weights = read_irpa(self.build_dir / base["archive"], np.dtype(base["dtype"]))
         return {name: weights[name].astype(np.float32).reshape(shape) for name, shape in base["params"]}
 
+    @_on_device
     def get_params(self) -> dict[str, np.ndarray]:
         values = self.functions.get_params()
         return {name: self._host(v) for (name, _), v in zip(self.manifest["params"], values, strict=True)}
 
+    @_on_device
     def set_params(self, params: dict[str, np.ndarray]) -> None:
         self.functions.set_params(*self._args(*[np.asarray(params[name], np.float32)
                                                 for name, _ in self.manifest["params"]]))
 
+    @_on_device
     def get_opt_state(self) -> dict[str, np.ndarray]:
         """The optimizer's state by leaf name (manifest "opt_state"); empty for SGD."""
         values = self.functions.get_opt_state()
         values = values if isinstance(values, tuple) else () if values is None else (values,)
         return {name: self._host(v) for (name, _, _), v in zip(self.manifest["opt_state"], values, strict=True)}
 
+    @_on_device
     def set_opt_state(self, state: dict[str, np.ndarray]) -> None:
         """Replace the optimizer's state with `state` (as `get_opt_state` returns it)."""
         self.functions.set_opt_state(*self._args(*[np.asarray(state[name], dtype).reshape(shape)
                                                    for name, shape, dtype in self.manifest["opt_state"]]))
 
+    @_on_device
     def get_state(self) -> dict[str, np.ndarray]:
         values = self.functions.get_state()
         return {name: self._host(v) for name, v in zip(self.manifest["state"], values, strict=True)}

@@ -3,6 +3,7 @@
 import numpy as np
 
 from gpt2_iree import device_memory
+from gpt2_iree.devices import open_device
 
 
 def test_the_arena_puts_every_tensor_on_a_page_of_its_own():
@@ -22,10 +23,8 @@ def test_weights_are_copied_into_the_arena_as_they_were():
 
 
 def test_a_result_read_back_is_a_copy_on_either_device(vulkan):
-    import iree.runtime as rt
-
     for driver in ("local-task", vulkan):
-        device = rt.get_device(driver)
+        device = open_device(driver)
         result = device_memory.to_device(device, np.arange(4, dtype=np.int32))
         host = device_memory.to_numpy(device, result)
         host[0] = 99

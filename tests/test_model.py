@@ -7,6 +7,7 @@ import numpy as np
 
 from gpt2_iree import compiler, model, toolchain
 from gpt2_iree.device_memory import to_device, to_numpy
+from gpt2_iree.devices import open_device
 from gpt2_iree.targets import get_target, on_vulkan
 
 GPT2_VOCAB, GPT2_WIDTH = 50257, 768
@@ -19,7 +20,7 @@ def _run_on_vulkan(fn, args, tmp_path):
     (tmp_path / "fn.mlir").write_text(jax.jit(fn).lower(*args).as_text())
     compiler.compile_module(toolchain.iree_compile(), tmp_path / "fn.mlir", on_vulkan(get_target("metal")),
                             tmp_path / "fn.vmfb", tmp_path / "fn.log")
-    config = rt.Config("vulkan")
+    config = rt.Config(device=open_device("vulkan"))
     context = rt.SystemContext(config=config)
     vm_module = rt.VmModule.mmap(config.vm_instance, str(tmp_path / "fn.vmfb"))
     context.add_vm_module(vm_module)
