@@ -13,14 +13,15 @@ import ctypes
 import functools
 import json
 import platform
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from gpt2_iree import device_memory
 from gpt2_iree.archive import PARAMETER_SCOPE
-from gpt2_iree.devices import (DRIVER_TARGETS, available_devices, default_device, has_device, open_device,
-                               reports_device_loss)
+from gpt2_iree.devices import (DRIVER_TARGETS, DeviceLostError, available_devices, default_device, has_device,
+                               open_device, reports_device_loss)
 from gpt2_iree.errors import Gpt2IreeError
 from gpt2_iree.generation import decode_function
 from gpt2_iree.targets import vmfb_name
@@ -99,8 +100,6 @@ class Module:
 
     def __init__(self, build_dir: Path, device: str | None = None, params: Path | None = None,
                  generation: bool = False, weights: dict[str, np.ndarray] | None = None, target: str | None = None):
-        import iree.runtime as rt
-
         self.build_dir = Path(build_dir)
         self.manifest = read_manifest(self.build_dir)
         self.generation = generation
@@ -129,22 +128,41 @@ class Module:
             self.params_path = None
             index, self._weights = self._index_of(weights)
 
-        config = rt.Config(device=open_device(device))
-        self._device = config.device
-        try:
-            compiled = rt.VmModule.mmap(config.vm_instance, str(vmfb))
-        except ValueError as err:  # IREE's verifier: a truncated or corrupt module
-            raise BuildError(f"{vmfb} is not a loadable IREE module ({str(err).strip().splitlines()[0]}); "
-                             f"rebuild it with `doit targets={self.target}`") from None
-        self._modules = [
-            rt.create_io_parameters_module(config.vm_instance, index.create_provider(scope=PARAMETER_SCOPE)),
-            rt.create_hal_module(config.vm_instance, config.device),
-            compiled,
-        ]
-        with reports_device_loss(device, f"loading {vmfb.name}"):  # its initializer loads the weights
-            self._context = rt.SystemContext(vm_modules=self._modules, config=config)
+        self._device, self._context = self._load(vmfb, index)
         name = self.manifest["generate"]["module"] if generation else "gpt2"
         self.functions = getattr(self._context.modules, name)
+
+    def _load(self, vmfb: Path, index) -> tuple:
+        """(device, context): `vmfb` loaded on this Module's device, its
+        initializer run, which reads the weights from `index`.
+
+        A device lost while loading is replaced by a new one, once: nothing
+        the user made is on it yet. IREE 3.13's Vulkan driver signals its
+        timeline semaphores from several host threads; on Mesa's lavapipe,
+        which takes a value out of order as a lost device, CI saw it once in
+        a long run, while a module loaded (docs/ARCHITECTURE.md, Devices).
+        """
+        import iree.runtime as rt
+
+        for attempt in (1, 2):
+            config = rt.Config(device=open_device(self.device))
+            try:
+                compiled = rt.VmModule.mmap(config.vm_instance, str(vmfb))
+            except ValueError as err:  # IREE's verifier: a truncated or corrupt module
+                raise BuildError(f"{vmfb} is not a loadable IREE module ({str(err).strip().splitlines()[0]}); "
+                                 f"rebuild it with `doit targets={self.target}`") from None
+            modules = [
+                rt.create_io_parameters_module(config.vm_instance, index.create_provider(scope=PARAMETER_SCOPE)),
+                rt.create_hal_module(config.vm_instance, config.device),
+                compiled,
+            ]
+            try:
+                with reports_device_loss(self.device, f"loading {vmfb.name}"):
+                    return config.device, rt.SystemContext(vm_modules=modules, config=config)
+            except DeviceLostError as lost:
+                if attempt == 2:
+                    raise
+                print(f"gpt2-iree: {lost}; loading it once more, on a new device", file=sys.stderr)
 
     def _vmfb(self, target: str) -> Path:
         return self.build_dir / vmfb_name(target, self.generation)
