@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2_iree.errors import Gpt2IreeError
+from gpt2_iree.errors import Gpt2IreeError, first_line
 from gpt2_iree.files import replace_atomically
 
 # The scope the module's globals name their parameters in
@@ -42,8 +42,7 @@ def load_index(path: Path, index=None, **options):
     try:
         index.load(str(path), **options)
     except (IndexError, RuntimeError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ArchiveError(f"{path} is not an IREE parameter archive, or not all of one: {reason}") from None
+        raise ArchiveError(f"{path} is not an IREE parameter archive, or not all of one: {first_line(err)}") from None
     return index
 
 

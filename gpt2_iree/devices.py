@@ -5,7 +5,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-from gpt2_iree.errors import Gpt2IreeError
+from gpt2_iree.errors import Gpt2IreeError, first_line
 
 # iree.runtime driver -> the target whose vmfb it executes.
 DRIVER_TARGETS = {"metal": "metal", "local-task": "cpu", "local-sync": "cpu", "vulkan": "vulkan", "cuda": "cuda"}
@@ -50,7 +50,7 @@ def reports_device_loss(driver: str, work: str) -> Iterator[None]:
         if isinstance(err, Gpt2IreeError) or "DATA_LOSS" not in str(err):
             raise
         _OPENED.pop(driver, None)
-        raise DeviceLostError(f"the {driver} device was lost during {work} ({str(err).strip().splitlines()[0]}); "
+        raise DeviceLostError(f"the {driver} device was lost during {work} ({first_line(err)}); "
                               f"what the module held on it is gone, fine-tuned weights since the last save or "
                               f"checkpoint included; open the build again for a new device") from err
 

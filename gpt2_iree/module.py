@@ -22,7 +22,7 @@ from gpt2_iree import device_memory
 from gpt2_iree.archive import PARAMETER_SCOPE
 from gpt2_iree.devices import (DRIVER_TARGETS, DeviceLostError, available_devices, default_device, has_device,
                                open_device, reports_device_loss)
-from gpt2_iree.errors import Gpt2IreeError
+from gpt2_iree.errors import Gpt2IreeError, first_line
 from gpt2_iree.generation import decode_function
 from gpt2_iree.targets import vmfb_name
 
@@ -149,7 +149,7 @@ class Module:
             try:
                 compiled = rt.VmModule.mmap(config.vm_instance, str(vmfb))
             except ValueError as err:  # IREE's verifier: a truncated or corrupt module
-                raise BuildError(f"{vmfb} is not a loadable IREE module ({str(err).strip().splitlines()[0]}); "
+                raise BuildError(f"{vmfb} is not a loadable IREE module ({first_line(err)}); "
                                  f"rebuild it with `doit targets={self.target}`") from None
             modules = [
                 rt.create_io_parameters_module(config.vm_instance, index.create_provider(scope=PARAMETER_SCOPE)),
