@@ -21,12 +21,12 @@ class CompileError(Gpt2IreeError):
 
 
 def compile_module(compiler: str, mlir: Path, target: Target, vmfb: Path, log: Path, generation: bool = False,
-                   lora: bool = False) -> None:
+                   lora: bool = False, int8: bool = False) -> None:
     """Compile `mlir` into `vmfb` (with `generation`, as the target's generation
-    module; with `lora`, as a LoRA build's module); on failure raise with the
+    module, `int8` one with int8 weights; with `lora`, as a LoRA build's module); on failure raise with the
     log's tail. The unfinished output is removed whatever happens."""
     def compile_to(tmp: Path) -> None:
-        cmd = compile_command(compiler, target, mlir, tmp, generation, lora)
+        cmd = compile_command(compiler, target, mlir, tmp, generation, lora, int8)
         with open(log, "w") as log_file:
             log_file.write(shlex.join(cmd) + "\n")
             log_file.flush()
@@ -44,14 +44,17 @@ def compile_target(compiler: str, build_dir: Path, target: Target) -> None:
     gpt2.mlir and, where the target has one, its generation module from
     gpt2-generate.mlir, side by side: one iree-compile keeps about one of this
     machine's two cores busy. A LoRA build (its manifest names a frozen
-    `base`) has one module, compiled with the target's `lora_flags`."""
+    `base`) has one module, compiled with the target's `lora_flags`; a
+    generation module with int8 weights gets the target's `int8_flags` too."""
     build_dir = Path(build_dir)
-    lora = "base" in json.loads((build_dir / "manifest.json").read_text())
+    manifest = json.loads((build_dir / "manifest.json").read_text())
+    lora = "base" in manifest
+    int8 = manifest.get("generate", {}).get("weights_dtype") == "int8"
 
     def build(mlir: str, generation: bool) -> None:
         vmfb = vmfb_name(target.name, generation)
         compile_module(compiler, build_dir / mlir, target, build_dir / vmfb, build_dir / log_name(vmfb), generation,
-                       lora)
+                       lora, int8)
 
     jobs = [("gpt2.mlir", False)] + \
         ([("gpt2-generate.mlir", True)] if target.has_generation_module and not lora else [])

@@ -13,7 +13,7 @@ such a device the first call failed. Here nothing depends on that import:
 * results are read through a staging buffer the device allocates itself, or
   by mapping the result where the device's memory is host-visible (`to_numpy`);
 * weights in memory are laid out in one page-aligned arena, every tensor at a
-  page boundary (`index_of_weights`);
+  page boundary (`index_of_weights`, `index_of_arrays`);
 * an archive is mapped on the CPU, whose local devices take any host memory
   and use it in place, where the module's parameters stay constant, and
   streamed where an entry writes them; streamed into device buffers on Vulkan,
@@ -88,28 +88,33 @@ def page_aligned_arena(sizes: dict[str, int]) -> tuple[np.ndarray, dict[str, int
     return raw[start:start + total], offsets
 
 
-def index_of_weights(weights: dict[str, np.ndarray], dtype=None) -> tuple[object, dict[str, np.ndarray]]:
-    """A ParameterIndex over a page-aligned copy of `weights`, in `dtype` where
-    given (converted as it is copied, one tensor at a time), and that copy
-    (views of the arena, shaped as `weights`).
+def index_of_weights(layout: dict[str, tuple[tuple[int, ...], np.dtype]], make) -> tuple[object, dict[str, np.ndarray]]:
+    """A ParameterIndex over a page-aligned arena holding an entry of each
+    (shape, dtype) of `layout`, filled one at a time with `make(name)` (an
+    array, converted to the entry's dtype as it is copied), and the arena's
+    views, one per entry.
 
     The index keeps the arena alive for IREE, which reads it when the module
-    loads; the caller may drop `weights` and keep the views instead.
+    loads; the caller may drop its own arrays and keep the views instead.
     """
     import iree.runtime as rt
 
-    dtypes = {name: np.dtype(dtype or value.dtype) for name, value in weights.items()}
-    arena, offsets = page_aligned_arena({name: value.size * dtypes[name].itemsize for name, value in weights.items()})
+    nbytes = {name: int(np.prod(shape)) * np.dtype(dtype).itemsize for name, (shape, dtype) in layout.items()}
+    arena, offsets = page_aligned_arena(nbytes)
     placed = {}
-    for name, value in weights.items():
-        size = value.size * dtypes[name].itemsize
-        placed[name] = arena[offsets[name]:offsets[name] + size].view(dtypes[name]).reshape(value.shape)
-        placed[name][...] = value
+    for name, (shape, dtype) in layout.items():
+        placed[name] = arena[offsets[name]:offsets[name] + nbytes[name]].view(dtype).reshape(shape)
+        placed[name][...] = make(name)
     handle = rt.FileHandle.wrap_memory(arena)
     index = rt.ParameterIndex()
     for name, value in placed.items():
         index.add_from_file_handle(name, handle, value.nbytes, offsets[name])
     return index, placed
+
+
+def index_of_arrays(arrays: dict[str, np.ndarray]) -> tuple[object, dict[str, np.ndarray]]:
+    """`index_of_weights` of a page-aligned copy of `arrays`, each as it is."""
+    return index_of_weights({name: (a.shape, a.dtype) for name, a in arrays.items()}, arrays.__getitem__)
 
 
 def index_of_archives(archives: list[tuple[Path, bool]], driver: str):
@@ -126,5 +131,5 @@ def index_of_archives(archives: list[tuple[Path, bool]], driver: str):
         load_index(path, index, **(loading[written] if loading else MAPPED))
     if loading:
         return index
-    return index_of_weights({key: rt.parameter_index_entry_as_numpy_flat_ndarray(entry)
-                             for key, entry in index.items()})[0]
+    return index_of_arrays({key: rt.parameter_index_entry_as_numpy_flat_ndarray(entry)
+                            for key, entry in index.items()})[0]

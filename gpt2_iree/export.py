@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt2_iree import lora, model, stateful
+from gpt2_iree import generate_weights, lora, model, stateful
 from gpt2_iree.archive import write_irpa
 from gpt2_iree.files import replace_atomically, sha256_file, write_json, write_text
 from gpt2_iree.generation import decode_function
@@ -149,7 +149,8 @@ def _avals(tree):
 
 
 def _upcast(weights: dict) -> dict:
-    return {k: w.astype(jnp.float32) for k, w in weights.items()}
+    """Stored weights as model.py computes with them: float16 as float32, int8 as it is."""
+    return {k: w if w.dtype == jnp.int8 else w.astype(jnp.float32) for k, w in weights.items()}
 
 
 def _half(params: dict) -> dict:
@@ -223,12 +224,15 @@ def export_mlir(cfg: model.GPT2Config, shapes: model.Shapes, optimizer: str, par
     return stateful.build_module(MODULE_NAME, state, groups, entries(cfg, shapes, optimizer, params, tuning))
 
 
-def export_generate_mlir(cfg: model.GPT2Config, shapes: model.Shapes, params) -> str:
-    """The text of `@gpt2_generate`: its float16 `weights` are read from an
-    archive of their own (GENERATE_ARCHIVE). Converting float32 ones when the
-    module loaded kept the float32 archive mapped beside the float16 copy and
-    its packed layout: 1,076 MB for 124M against 600."""
-    state = {"weights": _half(params), **generation_state(cfg, shapes, cache_dtype(None))}
+def export_generate_mlir(cfg: model.GPT2Config, shapes: model.Shapes, params, weights_format: str = "float16") -> str:
+    """The text of `@gpt2_generate`: its `weights`, in `weights_format`
+    (generate_weights.py), are read from an archive of their own
+    (GENERATE_ARCHIVE). Converting float32 ones when the module loaded kept
+    the float32 archive mapped beside the float16 copy and its packed layout:
+    1,076 MB for 124M against 600."""
+    stored = generate_weights.layout({k: np.shape(v) for k, v in params.items()}, weights_format)
+    weights = {name: jax.ShapeDtypeStruct(shape, dtype) for name, (shape, dtype) in stored.items()}
+    state = {"weights": weights, **generation_state(cfg, shapes, cache_dtype(None))}
     table = _generation(cfg, shapes, ("weights",), _upcast)
     return stateful.build_module(GENERATE_MODULE_NAME, state, ("weights",),
                                  [table[n] for n in generate_functions(shapes)])
@@ -252,10 +256,11 @@ BASE_ARCHIVE = "base.irpa"
 
 
 def export_build(out_dir: Path, name: str, cfg: model.GPT2Config, params: dict, shapes: model.Shapes,
-                 optimizer: str, weights: str, tokenizer: Path | None, tuning: lora.Lora | None = None) -> None:
+                 optimizer: str, weights: str, tokenizer: Path | None, tuning: lora.Lora | None = None,
+                 weights_format: str = "float16") -> None:
     """Write the build directory's inputs into `out_dir`: gpt2.mlir, gpt2.irpa
     (what finetune trains), tokenizer.json and manifest.json; and
-    gpt2-generate.mlir and its float16 weights (gpt2-generate.irpa), or with
+    gpt2-generate.mlir and its weights in `weights_format` (gpt2-generate.irpa), or with
     `tuning` (LoRA) base.irpa, the frozen weights in float16, which its one
     module both tunes and generates on.
 
@@ -268,8 +273,8 @@ def export_build(out_dir: Path, name: str, cfg: model.GPT2Config, params: dict, 
     if tuning:
         write_irpa(params, out_dir / BASE_ARCHIVE, dtype=GENERATE_DTYPE)
     else:
-        write_text(out_dir / "gpt2-generate.mlir", export_generate_mlir(cfg, shapes, params))
-        write_irpa(params, out_dir / GENERATE_ARCHIVE, dtype=GENERATE_DTYPE)
+        write_text(out_dir / "gpt2-generate.mlir", export_generate_mlir(cfg, shapes, params, weights_format))
+        write_irpa(generate_weights.converted(params, weights_format), out_dir / GENERATE_ARCHIVE, dtype=None)
     write_irpa(trained, out_dir / "gpt2.irpa")
     if tokenizer:
         replace_atomically(out_dir / "tokenizer.json", lambda tmp: shutil.copyfile(tokenizer, tmp))
@@ -278,7 +283,7 @@ def export_build(out_dir: Path, name: str, cfg: model.GPT2Config, params: dict, 
                         "sha256": sha256_file(out_dir / BASE_ARCHIVE)}} if tuning else {
         "generate": {"module": GENERATE_MODULE_NAME, "functions": generate_functions(shapes),
                      "archive": GENERATE_ARCHIVE,
-                     "weights_dtype": GENERATE_DTYPE.name, "cache_dtype": cache_dtype(None).name}}
+                     "weights_dtype": weights_format, "cache_dtype": cache_dtype(None).name}}
     write_json(out_dir / "manifest.json", {
         "model": name,
         "config": dataclasses.asdict(cfg),
@@ -302,13 +307,15 @@ def export_build(out_dir: Path, name: str, cfg: model.GPT2Config, params: dict, 
 
 
 def build(out_dir: Path, name: str, model_dir: Path | None, weights: str, shape: dict | None,
-          shapes: dict, optimizer: str, tuning: dict | None = None) -> None:
+          shapes: dict, optimizer: str, tuning: dict | None = None, weights_format: str = "float16") -> None:
     """The export stage: load the model and write the build directory's inputs.
-    `tuning` is None to train every weight, or LoRA's rank, alpha and targets."""
+    `tuning` is None to train every weight, or LoRA's rank, alpha and targets;
+    `weights_format` is the generation module's (generate_weights.FORMATS)."""
     cfg, params = load_model(model_dir, weights, shape)
     for var in ("context", "seq_len"):
         if shapes[var] > cfg.n_positions:
             raise ValueError(f"{var}={shapes[var]} exceeds the model's {cfg.n_positions} positions")
     tokenizer = Path(model_dir) / "tokenizer.json" if model_dir else None
     export_build(Path(out_dir), name, cfg, params, model.Shapes(**shapes), optimizer, weights, tokenizer,
-                 lora.Lora(tuning["rank"], tuning["alpha"], tuple(tuning["targets"])) if tuning else None)
+                 lora.Lora(tuning["rank"], tuning["alpha"], tuple(tuning["targets"])) if tuning else None,
+                 weights_format)

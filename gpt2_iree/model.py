@@ -169,13 +169,32 @@ def _attend(q, k, v, visible):
 # `name + LORA_A` (rank, in) and `name + LORA_B` (out, rank), B already scaled
 # by alpha / rank (lora.py), so the weight the layer computes with is W + B @ A.
 LORA_A, LORA_B = ".lora_a", ".lora_b"
+# An int8 weight `name` (out, in) has one scale per output row, `name + INT8_SCALE`
+# (generate_weights.py): the weight is int8 * scale.
+INT8_SCALE = ".int8_scale"
+
+
+def _int8_times(x, w, scale):
+    """x (..., in) times the int8 weight w (out, in) with its row scales. x is
+    quantized too, symmetric, one scale per token, so that the product is
+    int8 x int8 -> int32, which IREE runs on its integer ukernels on the CPU:
+    IREE 3.13 does not fuse a weight's dequantization into a float matmul,
+    which then ran 5.7x slower than float16 weights (docs/PERFORMANCE.md)."""
+    amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+    x_scale = jnp.where(amax > 0, amax / 127, 1.0)
+    xq = jnp.clip(jnp.round(x / x_scale), -127, 127).astype(jnp.int8)
+    acc = jnp.einsum("...e,fe->...f", xq, w, preferred_element_type=jnp.int32)
+    return acc.astype(jnp.float32) * x_scale * scale
 
 
 def _linear(params, name, x):
     """x (..., in) times weight `name` (out, in), plus its LoRA adapter if the
     params carry one: as (x A^T) B^T, never forming B @ A, so the frozen weight
     is read as it is stored and the adapter costs 2 * rank * (in + out) flops a token."""
-    y = jnp.einsum("...e,fe->...f", x, params[name])
+    if name + INT8_SCALE in params:
+        y = _int8_times(x, params[name], params[name + INT8_SCALE])
+    else:
+        y = jnp.einsum("...e,fe->...f", x, params[name])
     if name + LORA_A in params:
         y = y + jnp.einsum("...r,fr->...f", jnp.einsum("...e,re->...r", x, params[name + LORA_A]),
                            params[name + LORA_B])
@@ -199,7 +218,7 @@ def _block(params, i, cfg, x, attend):
 def _logits(params, cfg, x):
     """Final norm and the tied LM head; padded vocabulary ids can never win."""
     x = _layer_norm(x, params["ln_f.scale"], params["ln_f.bias"], cfg.layer_norm_epsilon)
-    logits = jnp.einsum("bte,ve->btv", x, params["wte"])
+    logits = _linear(params, "wte", x)
     real = jnp.arange(cfg.padded_vocab) < cfg.vocab_size
     return jnp.where(real, logits, NEG_INF)
 
@@ -245,7 +264,10 @@ _rows.defvjp(_rows_forward, _rows_backward)
 
 
 def _embed(params, tokens, positions):
-    return _rows(params["wte"], tokens) + _rows(params["wpe"], positions)
+    tokens_in = _rows(params["wte"], tokens)
+    if "wte" + INT8_SCALE in params:
+        tokens_in = tokens_in.astype(jnp.float32) * params["wte" + INT8_SCALE][tokens][..., None]
+    return tokens_in + _rows(params["wpe"], positions)
 
 
 def _rounded(x, dtype):

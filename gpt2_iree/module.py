@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2_iree import device_memory
+from gpt2_iree import device_memory, generate_weights
 from gpt2_iree.archive import PARAMETER_SCOPE
 from gpt2_iree.devices import (DRIVER_TARGETS, DeviceLostError, available_devices, default_device, has_device,
                                open_device, reports_device_loss)
@@ -183,8 +183,7 @@ class Module:
         # the whole module's finetune and set_params write `params`.
         if self.generation:
             generate = self.manifest["generate"]
-            archives = [(self.build_dir / generate["archive"],
-                         _byte_sizes(self.manifest["params"], generate["weights_dtype"]), False)]
+            archives = [(self.build_dir / generate["archive"], _generation_sizes(self.manifest), False)]
         else:
             archives = [(path, _byte_sizes(self.manifest["params"], np.float32), True)]
         if "base" in self.manifest:
@@ -198,12 +197,16 @@ class Module:
 
     def _index_of(self, weights: dict[str, np.ndarray]):
         """An index of a page-aligned copy of float32 `weights` (for the
-        generation module, converted to its float16 as it is copied) and that
-        copy, refused if they do not fit the module."""
+        generation module, converted to its format, float16 or int8, tensor by
+        tensor as it is copied) and that copy, refused if they do not fit the module."""
         self._check_sizes({k: v.nbytes if v.dtype == np.float32 else -1 for k, v in weights.items()},
                           _byte_sizes(self.manifest["params"], np.float32), "the weights given do")
-        return device_memory.index_of_weights(weights, self.manifest["generate"]["weights_dtype"]
-                                              if self.generation else None)
+        if not self.generation:
+            return device_memory.index_of_arrays(weights)
+        weights_format = self.manifest["generate"]["weights_dtype"]
+        return device_memory.index_of_weights(
+            generate_weights.layout({k: v.shape for k, v in weights.items()}, weights_format),
+            lambda name: generate_weights.entry(weights, name, weights_format))
 
     def _check_sizes(self, sizes: dict[str, int], expected: dict[str, int], subject: str) -> None:
         """Refuse weights whose keys or byte sizes differ from the module's
@@ -266,13 +269,13 @@ class Module:
         float32 weights (for a generation module on the build's own archive,
         those its float16 archive was made from); otherwise the copy the
         module holds (for a generation module given weights or `params`, its
-        float16 one)."""
+        float16 or int8 one, widened)."""
         from gpt2_iree.archive import read_irpa
 
         if self._weights is None:
             weights = read_irpa(self.params_path)  # fresh float32 arrays
         else:
-            weights = {name: value.astype(np.float32) for name, value in self._weights.items()}
+            weights = generate_weights.widened(self._weights)
         return {name: weights[name].reshape(shape) for name, shape in self.manifest["params"]}
 
     def base_weights(self) -> dict[str, np.ndarray] | None:
@@ -318,6 +321,12 @@ class Module:
 def _byte_sizes(layout: list, dtype) -> dict[str, int]:
     """name -> bytes of each [name, shape] of a manifest's layout, stored as `dtype`."""
     return {name: np.dtype(dtype).itemsize * int(np.prod(shape)) for name, shape in layout}
+
+
+def _generation_sizes(manifest: dict) -> dict[str, int]:
+    """name -> bytes of each entry of the generation module's archive."""
+    layout = generate_weights.layout(dict(manifest["params"]), manifest["generate"]["weights_dtype"])
+    return {name: dtype.itemsize * int(np.prod(shape)) for name, (shape, dtype) in layout.items()}
 
 
 def _int32(*arrays) -> list[np.ndarray]:

@@ -73,7 +73,7 @@ class Session:
     uses the fine-tuned weights, and `save_params` writes them to a `.irpa`
     that `Session(build_dir, params=...)` opens later in place of the original.
     `generate` runs on the generation module where the build has one for the
-    device (float16 weights, twice as fast), opened on the current weights when
+    device (float16 or int8 weights, twice as fast or more), opened on the current weights when
     first needed; else on the whole module.
 
     The KV cache is kept between calls: `generate(..., resume=True)` appends the

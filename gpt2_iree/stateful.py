@@ -25,6 +25,7 @@ from gpt2_iree.archive import PARAMETER_SCOPE
 _MLIR_TYPES = {
     np.dtype("float32"): "f32",
     np.dtype("float16"): "f16",
+    np.dtype("int8"): "i8",
     np.dtype("int32"): "i32",
     np.dtype("int64"): "i64",
     np.dtype("bool"): "i1",

@@ -53,10 +53,21 @@ class Target:
     # The `#iree_gpu.target` a SPIR-V target's kernels are tiled for, where
     # the target names it.
     gpu: str | None = None
+    # The GPU description a generation module with int8 weights is compiled
+    # for (`int8_flags`), where it differs from the target's.
+    int8_gpu: str | None = None
 
     @property
     def has_generation_module(self) -> bool:
         return self.generate_flags is not None
+
+    @property
+    def int8_flags(self) -> tuple[str, ...]:
+        """Added after `generate_flags`, in the same way, for a generation module with int8 weights."""
+        if self.int8_gpu is None:
+            return ()
+        return ("--iree-hal-target-device=__device_0="
+                + device_target(self.runtime_driver, self.backend, self.executable_format, self.int8_gpu),)
 
 
 # IREE 3.13's default Apple GPU (what plain `metal-spirv` uses), except
@@ -80,6 +91,22 @@ VULKAN_GPU_16BIT = (
     "max_workgroup_sizes = [128, 128, 64], max_thread_count_per_workgroup = 128, "
     "max_workgroup_memory_bytes = 16384, max_workgroup_counts = [65535, 65535, 65535]>>"
 )
+
+
+def with_int8_dot(gpu: str) -> str:
+    """`gpu` with SPIR-V 1.6's integer dot product, for int8 weights. Without
+    it IREE 3.13's SPIR-V int8 x int8 -> int32 matmul came out wrong on
+    lavapipe (int8 compute and 8-bit storage alone); with it, exact. A Vulkan
+    1.3 device has it (shaderIntegerDotProduct)."""
+    gpu = gpu.replace("spirv:v1.3", "spirv:v1.6")
+    return gpu if "dot = " in gpu else gpu.replace("subgroup = none,", "subgroup = none, dot = dp4xi8toi32,")
+
+
+# What int8 weights need besides: 8-bit storage and int8 arithmetic
+# (storageBuffer8BitAccess, shaderInt8; Mesa's lavapipe and desktop GPUs have both).
+VULKAN_GPU_INT8 = with_int8_dot(
+    VULKAN_GPU_16BIT.replace("compute = fp32|fp16|int32,", "compute = fp32|fp16|int32|int16|int8,")
+    .replace("storage = b32|b16,", "storage = b32|b16|b8,"))
 
 
 def device_target(driver: str, backend: str, executable_format: str, gpu: str) -> str:
@@ -173,6 +200,7 @@ TARGETS: dict[str, Target] = {
             runtime_driver="metal",
             flags=_METAL_FLAGS,
             gpu=APPLE_GPU_NO_SUBGROUPS,
+            int8_gpu=with_int8_dot(APPLE_GPU_NO_SUBGROUPS),
         ),
         Target(
             name="ios",
@@ -189,6 +217,7 @@ TARGETS: dict[str, Target] = {
                 "--iree-metal-target-platform=ios",
             ),
             gpu=APPLE_GPU_NO_SUBGROUPS,
+            int8_gpu=with_int8_dot(APPLE_GPU_NO_SUBGROUPS),
         ),
         Target(
             name="vulkan",
@@ -206,6 +235,7 @@ TARGETS: dict[str, Target] = {
             # The generation module's float16 weights need 16-bit storage, as
             # does a LoRA module's float16 base.
             generate_flags=(VULKAN_16BIT_DEVICE,),
+            int8_gpu=VULKAN_GPU_INT8,
             lora_flags=(VULKAN_16BIT_DEVICE,),
         ),
         Target(
@@ -248,13 +278,15 @@ def on_vulkan(target: Target) -> Target:
                                                                    target.gpu)
     return Target(name=f"{target.name}-on-vulkan", description=f"{target.name}'s kernels on a Vulkan device",
                   backend="vulkan-spirv", executable_format="vulkan-spirv-fb", runtime_driver="vulkan",
-                  flags=(flag,), generate_flags=() if target.has_generation_module else None, gpu=target.gpu)
+                  flags=(flag,), generate_flags=() if target.has_generation_module else None, gpu=target.gpu,
+                  int8_gpu=target.int8_gpu)
 
 
 def flag_files(target: Target) -> list[Path]:
     """The files `target`'s flags name (its tuning spec): a compile depends on
     them as on its sources."""
-    flags = (*target.flags, *(target.generate_flags or ()), *target.lora_flags, *target.training_flags)
+    flags = (*target.flags, *(target.generate_flags or ()), *target.int8_flags, *target.lora_flags,
+             *target.training_flags)
     return [Path(flag.split("=", 1)[1]) for flag in flags if flag.startswith("--iree-codegen-tuning-spec-path=")]
 
 
@@ -269,12 +301,14 @@ def log_name(vmfb: str) -> str:
 
 
 def compile_command(compiler: str, target: Target, input_path: str | Path, output_path: str | Path,
-                    generation: bool = False, lora: bool = False) -> list[str]:
+                    generation: bool = False, lora: bool = False, int8: bool = False) -> list[str]:
     """argv of `compiler` (an iree-compile binary) building `target`'s whole
-    module from `input_path`, with `generation` its generation module, with
-    `lora` a LoRA build's module."""
-    extra = target.lora_flags if lora else target.generate_flags if generation else ()
-    replaced = {flag.split("=", 1)[0] for flag in extra}
-    flags = [flag for flag in target.flags if flag.split("=", 1)[0] not in replaced]
+    module from `input_path`, with `generation` its generation module (`int8`:
+    one with int8 weights), with `lora` a LoRA build's module."""
+    flags = list(target.flags)
+    for extra in (target.lora_flags if lora else target.generate_flags if generation else (),
+                  target.int8_flags if generation and int8 else ()):
+        replaced = {flag.split("=", 1)[0] for flag in extra}
+        flags = [flag for flag in flags if flag.split("=", 1)[0] not in replaced] + list(extra)
     training = () if generation else target.training_flags
-    return [compiler, str(input_path), *flags, *extra, *training, "-o", str(output_path)]
+    return [compiler, str(input_path), *flags, *training, "-o", str(output_path)]

@@ -31,6 +31,13 @@ import numpy as np
 from gpt2_iree.errors import Gpt2IreeError
 
 TOLERANCE = 1e-4
+# An int8 generation module rounds every activation to int8, and a value that
+# lies within float32's noise of a rounding boundary can round up in the
+# module's chunked prefill and down in JAX's whole forward: one step of 1/127
+# of a token's largest value, which moved tiny's K/V 5.5e-4 on every target.
+# A wrong kernel moves them by O(1); the int8 rounding itself moves tiny's
+# logits 1.2e-2.
+INT8_TOLERANCE = 5e-3
 DECODE_STEPS = 16
 SAMPLED_STEPS = 32
 FINETUNE_STEPS = 3
@@ -169,10 +176,10 @@ def _generated(target, prompts: list[list[int]], settings: list, steps: int) -> 
     return [[step[row] for row in range(len(prompts))] for step in steps_out]
 
 
-def _generation_passed(report: dict) -> bool:
+def _generation_passed(report: dict, tolerance: float = TOLERANCE) -> bool:
     sampled = report["sampled"]
     return (report["tokens_equal"] and sampled["equal_to_jax"] and sampled["top_k_1_is_greedy"]
-            and all(e <= TOLERANCE for e in report["relative_errors"].values()))
+            and all(e <= tolerance for e in report["relative_errors"].values()))
 
 
 def check_parity(module, seed: int = 0) -> dict:
@@ -281,25 +288,28 @@ def rounding_cost(cfg, rounded: dict, exact: dict, length: int, cache_dtype: np.
 
 def check_generation_parity(module, seed: int = 0) -> dict:
     """Run the generation entry points on the generation `module` and on JAX
-    with the same float16-rounded weights; also report what the rounding
-    costs over a whole context (`rounding_cost`)."""
+    with the same weights, float16-rounded or int8 (generate_weights.py),
+    computed with as the module does; also report what the rounding costs
+    over a whole context (`rounding_cost`)."""
     import jax.numpy as jnp
 
-    from gpt2_iree import model
+    from gpt2_iree import generate_weights, model
 
     cfg = model.GPT2Config(**module.manifest["config"])
     dtype = module.manifest["generate"]["weights_dtype"]
     weights = module.archive_weights()
-    params = {name: jnp.asarray(v.astype(dtype).astype(np.float32)) for name, v in weights.items()}
+    params = {name: jnp.asarray(v) for name, v in
+              generate_weights.computed(generate_weights.converted(weights, dtype)).items()}
     report = _check_generation(module, params, seed)
+    tolerance = INT8_TOLERANCE if dtype == "int8" else TOLERANCE
     return report | {
         "kind": "parity",
         "device": module.device,
-        "tolerance": TOLERANCE,
+        "tolerance": tolerance,
         "weights_dtype": dtype,
         "rounding_cost": rounding_cost(cfg, params, weights, module.manifest["shapes"]["context"],
                                        module.cache_dtype, seed),
-        "passed": _generation_passed(report),
+        "passed": _generation_passed(report, tolerance),
     }
 
 

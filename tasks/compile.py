@@ -37,6 +37,8 @@ def task_compile():
             "targets": [cfg.build_dir / f for f in outputs(target, lora) if f.endswith(".vmfb")],
             "uptodate": [config_changed({"flags": target.flags, "training_flags": target.training_flags,
                                          **({"lora_flags": target.lora_flags} if lora else
-                                            {"generate_flags": target.generate_flags})})],
+                                            {"generate_flags": target.generate_flags,
+                                             **({"int8_flags": target.int8_flags}
+                                                if cfg.generate_weights == "int8" else {})})})],
             "clean": [(remove_outputs, [cfg.build_dir, outputs(target, lora)])],
         }

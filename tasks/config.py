@@ -33,6 +33,7 @@ DEFAULT_TARGETS = ("metal", "ios", "cpu")
 TOOLCHAINS = ("wheel", "source")
 TUNINGS = ("full", "lora")
 LORA_TARGETS = ("attn", "mlp")  # gpt2_iree.lora.TARGETS, without importing jax
+GENERATE_WEIGHTS = ("float16", "int8")  # gpt2_iree.generate_weights.FORMATS, without importing jax
 
 # name -> (default, one-line help); `doit help` users read this table too.
 VARS = {
@@ -48,6 +49,8 @@ VARS = {
     "lora_rank": ("8", "tuning=lora: the adapters' rank"),
     "lora_alpha": ("16", "tuning=lora: the adapters' alpha (they are scaled by alpha / rank)"),
     "lora_targets": ("attn", "tuning=lora: attn (q/k/v and attention output) | mlp (both MLP matrices) | attn,mlp"),
+    "generate_weights": ("float16", "float16 | int8 (the generation module's weights: int8 with a float16 scale "
+                                    "per output channel, activations int8 per token)"),
     "hf_endpoint": ("", "Hugging Face mirror URL (or env GPT2_IREE_HF_ENDPOINT)"),
     "toolchain": ("wheel", f"{' | '.join(TOOLCHAINS)} (IREE built from iree_repo at iree_ref)"),
     "iree_repo": ("", f"toolchain=source: git URL or local clone of IREE (default {source_build.DEFAULT_REPO})"),
@@ -70,6 +73,7 @@ class BuildConfig:
     toolchain: str = "wheel"
     # tuning=lora: {"rank", "alpha", "targets"}; None fine-tunes every weight.
     lora: dict | None = None
+    generate_weights: str = "float16"
     iree_repo: str | None = None  # toolchain=source only, as are iree_ref
     iree_ref: str | None = None
 
@@ -119,6 +123,8 @@ class BuildConfig:
             # Short where that is exact (a16, a0.5), never two alphas under one key.
             alpha = f"{alpha:g}" if float(f"{alpha:g}") == alpha else repr(alpha)
             key += f"-lora-r{self.lora['rank']}-a{alpha}-{'+'.join(self.lora['targets'])}"
+        if self.generate_weights != "float16":
+            key += f"-gen-{self.generate_weights}"
         return key if self.toolchain == "wheel" else f"{key}-{self.toolchain}"
 
     @property
@@ -221,6 +227,10 @@ def parse_config(raw: dict[str, str]) -> BuildConfig:
     seq_len = _positive_int("seq_len", values["seq_len"], positions, limit)
     toolchain = _choice("toolchain", values["toolchain"], TOOLCHAINS)
     lora = _lora(values, raw)
+    generate_weights = _choice("generate_weights", values["generate_weights"], GENERATE_WEIGHTS)
+    if lora and generate_weights != "float16":
+        raise ValueError(f"generate_weights={generate_weights} is not built for tuning=lora yet, whose one module "
+                         f"generates on its float16 base; valid there: float16")
     iree_repo = iree_ref = None
     if toolchain == "source":
         iree_repo = source_build.check_repo(values["iree_repo"] or source_build.DEFAULT_REPO)
@@ -241,6 +251,7 @@ def parse_config(raw: dict[str, str]) -> BuildConfig:
         # size: B would barely move. AdamW's state for adapters is small.
         optimizer=_choice("optimizer", values["optimizer"] or ("adamw" if lora else "adafactor"), OPTIMIZERS),
         lora=lora,
+        generate_weights=generate_weights,
         hf_endpoint=values["hf_endpoint"] or None,
         toolchain=toolchain,
         iree_repo=iree_repo,

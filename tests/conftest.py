@@ -16,14 +16,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def export_tiny(root, batch: int = 1, optimizer: str = "adafactor", tuning: dict | None = None):
+def export_tiny(root, batch: int = 1, optimizer: str = "adafactor", tuning: dict | None = None,
+                weights_format: str = "float16"):
     """The tiny model's assets and build inputs under `root`, as the assets and
     export stages write them (no module compiled); the build directory."""
     from gpt2_iree import export, models
 
     models.write_tiny_model(root / "assets")
     export.build(root / "build", "tiny", root / "assets", "pretrained", None,
-                 {"batch": batch, "prompt_len": 64, "context": 128, "seq_len": 128}, optimizer, tuning)
+                 {"batch": batch, "prompt_len": 64, "context": 128, "seq_len": 128}, optimizer, tuning,
+                 weights_format)
     return root / "build"
 
 
@@ -89,6 +91,17 @@ def tiny_batch_build(tmp_path_factory):
     from gpt2_iree.targets import get_target
 
     build_dir = export_tiny(tmp_path_factory.mktemp("tiny-batch"), batch=2)
+    compiler.compile_target(toolchain.iree_compile(), build_dir, get_target("cpu"))
+    return build_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_int8_build(tmp_path_factory):
+    """The tiny model built with generate_weights=int8 (cpu modules only)."""
+    from gpt2_iree import compiler, toolchain
+    from gpt2_iree.targets import get_target
+
+    build_dir = export_tiny(tmp_path_factory.mktemp("tiny-int8"), weights_format="int8")
     compiler.compile_target(toolchain.iree_compile(), build_dir, get_target("cpu"))
     return build_dir
 

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from tasks.config import BuildConfig, parse_config
+from tasks.config import GENERATE_WEIGHTS, BuildConfig, parse_config
 
 
 def test_defaults():
@@ -19,7 +19,8 @@ def test_defaults():
 def test_every_setting_keys_the_build_dir():
     base = parse_config({"model": "tiny"})
     for var, value in [("weights", "random"), ("batch", "2"), ("prompt_len", "4"), ("context", "64"),
-                       ("seq_len", "32"), ("optimizer", "sgd"), ("tuning", "lora")]:
+                       ("seq_len", "32"), ("optimizer", "sgd"), ("tuning", "lora"),
+                       ("generate_weights", "int8")]:
         assert parse_config({"model": "tiny", var: value}).build_dir != base.build_dir, var
     assert parse_config({"model": "tiny", "targets": "cpu"}).build_dir == base.build_dir
 
@@ -37,6 +38,7 @@ def test_every_setting_keys_the_build_dir():
     ("context", "0", "context='0'", "1..1024"),
     ("prompt_len", "-1", "prompt_len='-1'", "1..1024 (context=1024)"),
     ("tuning", "qlora", "tuning='qlora'", "full, lora"),
+    ("generate_weights", "int4", "generate_weights='int4'", "float16, int8"),
 ])
 def test_bad_values_name_value_and_choices(var, value, named, expected):
     with pytest.raises(ValueError) as err:
@@ -127,6 +129,19 @@ def test_lora_settings_key_the_build_and_are_checked():
 def test_bad_lora_settings_are_refused(raw, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         parse_config({"model": "tiny", **raw})
+
+
+def test_int8_generation_is_refused_for_a_lora_build():
+    with pytest.raises(ValueError, match="generate_weights=int8 is not built for tuning=lora"):
+        parse_config({"model": "tiny", "tuning": "lora", "generate_weights": "int8"})
+    assert parse_config({"model": "tiny", "generate_weights": "int8"}).build_dir.name == \
+        "pretrained-b1-k64-c128-s128-adafactor-gen-int8"
+
+
+def test_generation_weight_formats_match_the_library():
+    from gpt2_iree import generate_weights
+
+    assert GENERATE_WEIGHTS == generate_weights.FORMATS
 
 
 def test_lora_targets_match_the_library():

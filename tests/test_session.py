@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import pytest
 
-from gpt2_iree import archive
+from gpt2_iree import archive, generate_weights, verify
 from gpt2_iree.corpus import CorpusError
 from gpt2_iree.module import BuildError
 from gpt2_iree.sampling import Sampling
@@ -139,6 +139,18 @@ def test_generation_runs_on_the_generation_module_and_follows_fine_tuning(tiny_b
     tuned = session.module.get_params()
     for name, value in after.archive_weights().items():  # the tuned weights, as float16 holds them
         np.testing.assert_array_equal(value, tuned[name].astype(np.float16).astype(np.float32))
+
+
+def test_an_int8_build_generates_from_the_tuned_weights_quantized(tiny_int8_build):
+    session = Session(tiny_int8_build)
+    session.finetune([SENTENCE], steps=2, learning_rate=0.1)
+    after = session.generation_module()
+    tuned = session.module.get_params()
+    quantized = generate_weights.widened(generate_weights.converted(tuned, "int8"))
+    for name, value in after.archive_weights().items():
+        np.testing.assert_array_equal(value, quantized[name], err_msg=name)
+    report = verify.check_generation_parity(after)
+    assert report["passed"] and report["weights_dtype"] == "int8", report["relative_errors"]
 
 
 def test_generating_needs_only_the_generation_module(tiny_build, tmp_path):

@@ -61,6 +61,15 @@ module @gpt2_generate {
 }
 """
 
+# What an int8 generation module computes: int8 activations times int8
+# weights, accumulated in int32.
+TINY_INT8_MATMUL = """\
+func.func @main(%x: tensor<8x320xi8>, %w: tensor<64x320xi8>) -> tensor<8x64xi32> {
+  %y = stablehlo.dot_general %x, %w, contracting_dims = [1] x [1] : (tensor<8x320xi8>, tensor<64x320xi8>) -> tensor<8x64xi32>
+  return %y : tensor<8x64xi32>
+}
+"""
+
 
 @pytest.fixture(scope="module")
 def iree_compile() -> str:
@@ -75,11 +84,12 @@ def iree_compile() -> str:
         return path
 
 
-def _run_compile(compiler: str, target: Target, tmp_path: Path, text: str, generation: bool = False):
+def _run_compile(compiler: str, target: Target, tmp_path: Path, text: str, generation: bool = False,
+                 int8: bool = False):
     source = tmp_path / f"{target.name}.mlir"
     source.write_text(text)
     vmfb = tmp_path / f"{target.name}.vmfb"
-    cmd = compile_command(compiler, target, source, vmfb, generation)
+    cmd = compile_command(compiler, target, source, vmfb, generation, int8=int8)
     return vmfb, subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
@@ -139,6 +149,23 @@ def test_every_target_compiles_the_tricky_reductions(iree_compile, tmp_path, nam
 def test_float16_weights_compile_for_every_generation_module(iree_compile, tmp_path, name):
     _, result = _run_compile(iree_compile, get_target(name), tmp_path, TINY_GENERATION_MODULE, generation=True)
     assert result.returncode == 0, f"{name}: {result.stderr[-3000:]}"
+
+
+@pytest.mark.parametrize("name", sorted(name for name, target in TARGETS.items() if target.has_generation_module))
+def test_int8_weights_compile_for_every_generation_module(iree_compile, tmp_path, name):
+    _, result = _run_compile(iree_compile, get_target(name), tmp_path, TINY_INT8_MATMUL, generation=True, int8=True)
+    assert result.returncode == 0, f"{name}: {result.stderr[-3000:]}"
+
+
+def test_an_int8_generation_module_is_built_for_the_integer_dot_product():
+    for name in ("vulkan", "metal", "ios"):
+        cmd = compile_command("iree-compile", get_target(name), Path("gpt2-generate.mlir"), Path("out.vmfb"),
+                              generation=True, int8=True)
+        devices = [flag for flag in cmd if flag.startswith("--iree-hal-target-device=")]
+        assert len(devices) == 1 and "spirv:v1.6" in devices[0] and "dot = dp4xi8toi32" in devices[0], name
+    cpu = get_target("cpu")
+    assert compile_command("c", cpu, "in", "out", generation=True, int8=True) == \
+        compile_command("c", cpu, "in", "out", generation=True)
 
 
 def test_the_portable_vulkan_baseline_cannot_store_float16(iree_compile, tmp_path):

@@ -1,0 +1,81 @@
+"""The generation module's weights, made from float32 ones: float16, or int8 (doit's `generate_weights=`).
+
+int8 stores every matmul weight (each block's 2-D `*_w` and the tied
+embedding `wte`) as symmetric int8 with one float16 scale per output row,
+`name + model.INT8_SCALE`; biases, norms and positions stay float16. A scale
+per row, not per group of 32 along the contraction: `model._int8_times`
+quantizes each token's activations to int8 as well and runs one
+int8 x int8 -> int32 product, which a scale per group would split into a
+product per group (docs/PERFORMANCE.md, "8-bit weights").
+
+The archive stays float32 and the export writes the converted weights into
+the generation module's own archive, as the runtime converts tuned weights
+into its arena, tensor by tensor (`entry`), with no float32 copy beside them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gpt2_iree.model import INT8_SCALE
+
+FORMATS = ("float16", "int8")
+FLOAT16 = np.dtype("float16")
+
+
+def _quantized(name: str, shape: tuple[int, ...], weights_format: str) -> bool:
+    return weights_format == "int8" and len(shape) == 2 and (name.endswith("_w") or name == "wte")
+
+
+def layout(shapes: dict[str, tuple[int, ...]], weights_format: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """name -> (shape, dtype) of every entry the generation module reads,
+    for float32 weights of `shapes`."""
+    out = {}
+    for name, shape in shapes.items():
+        shape = tuple(shape)
+        if _quantized(name, shape, weights_format):
+            out[name] = (shape, np.dtype("int8"))
+            out[name + INT8_SCALE] = ((shape[0],), FLOAT16)
+        else:
+            out[name] = (shape, FLOAT16)
+    return out
+
+
+def _row_scales(w: np.ndarray) -> np.ndarray:
+    """Each row's largest magnitude over 127, float16; 1 for a row of zeros
+    (the padded vocabulary's), which then stays zero."""
+    largest = np.abs(w).max(axis=1)
+    return np.where(largest > 0, largest / 127, 1).astype(FLOAT16)
+
+
+def entry(weights: dict[str, np.ndarray], name: str, weights_format: str) -> np.ndarray:
+    """Entry `name` of `layout`, made from the float32 `weights`. A weight is
+    quantized with its float16-rounded scales, so that q * scale is what it
+    was rounded to."""
+    if name.endswith(INT8_SCALE):
+        return _row_scales(weights[name.removesuffix(INT8_SCALE)])
+    w = weights[name]
+    if not _quantized(name, w.shape, weights_format):
+        return w.astype(FLOAT16)
+    scale = _row_scales(w).astype(np.float32)[:, None]
+    return np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+
+
+def converted(weights: dict[str, np.ndarray], weights_format: str) -> dict[str, np.ndarray]:
+    """All of `layout`'s entries for `weights`, as the generation archive holds them."""
+    shapes = {name: w.shape for name, w in weights.items()}
+    return {name: entry(weights, name, weights_format) for name in layout(shapes, weights_format)}
+
+
+def computed(stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What the module computes with, from what it stores: int8 as it is,
+    float16 widened to float32 (the weights a JAX reference runs on)."""
+    return {name: w if w.dtype == np.int8 else w.astype(np.float32) for name, w in stored.items()}
+
+
+def widened(stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """float32 weights from what the module stores: int8 times its scales,
+    float16 widened; the weights a float32 module would compute the same with."""
+    return {name: w.astype(np.float32) * stored[name + INT8_SCALE].astype(np.float32)[:, None]
+            if name + INT8_SCALE in stored else w.astype(np.float32)
+            for name, w in stored.items() if not name.endswith(INT8_SCALE)}
