@@ -203,10 +203,13 @@ class Module:
                           _byte_sizes(self.manifest["params"], np.float32), "the weights given do")
         if not self.generation:
             return device_memory.index_of_arrays(weights)
+        # Shaped as the module holds them (an archive's arrays are flat): int8
+        # quantizes a weight by its rows.
+        shapes = dict(self.manifest["params"])
+        weights = {name: value.reshape(shapes[name]) for name, value in weights.items()}
         weights_format = self.manifest["generate"]["weights_dtype"]
-        return device_memory.index_of_weights(
-            generate_weights.layout({k: v.shape for k, v in weights.items()}, weights_format),
-            lambda name: generate_weights.entry(weights, name, weights_format))
+        return device_memory.index_of_weights(generate_weights.layout(shapes, weights_format),
+                                              lambda name: generate_weights.entry(weights, name, weights_format))
 
     def _check_sizes(self, sizes: dict[str, int], expected: dict[str, int], subject: str) -> None:
         """Refuse weights whose keys or byte sizes differ from the module's

@@ -141,7 +141,7 @@ def test_generation_runs_on_the_generation_module_and_follows_fine_tuning(tiny_b
         np.testing.assert_array_equal(value, tuned[name].astype(np.float16).astype(np.float32))
 
 
-def test_an_int8_build_generates_from_the_tuned_weights_quantized(tiny_int8_build):
+def test_an_int8_build_generates_from_the_tuned_weights_quantized(tiny_int8_build, tmp_path):
     session = Session(tiny_int8_build)
     session.finetune([SENTENCE], steps=2, learning_rate=0.1)
     after = session.generation_module()
@@ -151,6 +151,10 @@ def test_an_int8_build_generates_from_the_tuned_weights_quantized(tiny_int8_buil
         np.testing.assert_array_equal(value, quantized[name], err_msg=name)
     report = verify.check_generation_parity(after)
     assert report["passed"] and report["weights_dtype"] == "int8", report["relative_errors"]
+    # The saved weights, in a new session through `--params`, generate the same.
+    session.save_params(tmp_path / "tuned.irpa")
+    completion = "".join(session.generate("The quick", 16))
+    assert "".join(Session(tiny_int8_build, params=tmp_path / "tuned.irpa").generate("The quick", 16)) == completion
 
 
 def test_generating_needs_only_the_generation_module(tiny_build, tmp_path):
