@@ -148,11 +148,6 @@ def _avals(tree):
     return jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v), v.dtype), tree)
 
 
-def _upcast(weights: dict) -> dict:
-    """Stored weights as model.py computes with them: float16 as float32, int8 as it is."""
-    return {k: w if w.dtype == jnp.int8 else w.astype(jnp.float32) for k, w in weights.items()}
-
-
 def _half(params: dict) -> dict:
     return {k: jax.ShapeDtypeStruct(np.shape(v), GENERATE_DTYPE) for k, v in params.items()}
 
@@ -169,7 +164,7 @@ def entries(cfg: model.GPT2Config, shapes: model.Shapes, optimizer: str, params,
 
     def network(*groups):
         """The frozen groups and the trained params -> the weights model.py computes with."""
-        return lora.network(_upcast(groups[0]), groups[1], tuning) if tuning else groups[0]
+        return lora.network(generate_weights.computed(groups[0]), groups[1], tuning) if tuning else groups[0]
 
     def finetune(*args):
         *frozen_groups, params, opt_state, text, target, lengths, learning_rate = args
@@ -233,7 +228,7 @@ def export_generate_mlir(cfg: model.GPT2Config, shapes: model.Shapes, params, we
     stored = generate_weights.layout({k: np.shape(v) for k, v in params.items()}, weights_format)
     weights = {name: jax.ShapeDtypeStruct(shape, dtype) for name, (shape, dtype) in stored.items()}
     state = {"weights": weights, **generation_state(cfg, shapes, cache_dtype(None))}
-    table = _generation(cfg, shapes, ("weights",), _upcast)
+    table = _generation(cfg, shapes, ("weights",), generate_weights.computed)
     return stateful.build_module(GENERATE_MODULE_NAME, state, ("weights",),
                                  [table[n] for n in generate_functions(shapes)])
 

@@ -69,7 +69,8 @@ def converted(weights: dict[str, np.ndarray], weights_format: str) -> dict[str, 
 
 def computed(stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """What the module computes with, from what it stores: int8 as it is,
-    float16 widened to float32 (the weights a JAX reference runs on)."""
+    float16 widened to float32. numpy arrays (the weights a JAX reference runs
+    on) or JAX's traced ones (the export's entry points)."""
     return {name: w if w.dtype == np.int8 else w.astype(np.float32) for name, w in stored.items()}
 
 
