@@ -2,7 +2,7 @@
 
 int8 stores every matmul weight (each block's 2-D `*_w` and the tied
 embedding `wte`) as symmetric int8 with one float16 scale per output row,
-`name + model.INT8_SCALE`; biases, norms and positions stay float16. A scale
+`name + INT8_SCALE`; biases, norms and positions stay float16. A scale
 per row, not per group of 32 along the contraction: `model._int8_times`
 quantizes each token's activations to int8 as well and runs one
 int8 x int8 -> int32 product, which a scale per group would split into a
@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from gpt2_iree.model import INT8_SCALE
-
 FORMATS = ("float16", "int8")
+# An int8 weight `name` (out, in) has its scales in entry `name + INT8_SCALE`.
+# Defined here, not in model.py, so that the runtime reads a generation
+# module's weights without importing JAX (125 MB resident and ~2 s).
+INT8_SCALE = ".int8_scale"
 FLOAT16 = np.dtype("float16")
 
 

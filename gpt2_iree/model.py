@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import optax
 
 from gpt2_iree import adafactor
+from gpt2_iree.generate_weights import INT8_SCALE
 
 # Logits of masked positions and padded vocabulary ids: far below any real
 # logit, yet finite so that softmax never sees inf - inf.
@@ -169,9 +170,6 @@ def _attend(q, k, v, visible):
 # `name + LORA_A` (rank, in) and `name + LORA_B` (out, rank), B already scaled
 # by alpha / rank (lora.py), so the weight the layer computes with is W + B @ A.
 LORA_A, LORA_B = ".lora_a", ".lora_b"
-# An int8 weight `name` (out, in) has one scale per output row, `name + INT8_SCALE`
-# (generate_weights.py): the weight is int8 * scale.
-INT8_SCALE = ".int8_scale"
 
 
 def _int8_times(x, w, scale):

@@ -31,6 +31,19 @@ def test_generate_prints_the_completion(tiny_build, capsys):
     assert out.startswith("Hello") and len(out.rstrip("\n")) > len("Hello")
 
 
+@pytest.mark.parametrize("build", ["tiny_build", "tiny_int8_build", "tiny_lora_build"])
+def test_generate_never_imports_jax(build, request):
+    """Generating runs the compiled module alone: JAX would add about 125 MB
+    to its peak memory and 2 s to its start (docs/PERFORMANCE.md)."""
+    build_dir = request.getfixturevalue(build)
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "gpt2_iree.cli", "generate", "--build-dir",
+                             str(build_dir), "--prompt", "Hello", "--max-new-tokens", "2"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time")}
+    assert "gpt2_iree.module" in imported and "jax" not in imported
+
+
 def _json_lines(out: str) -> list[dict]:
     return [json.loads(line) for line in out.splitlines()]
 

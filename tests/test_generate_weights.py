@@ -19,8 +19,8 @@ def test_int8_stores_every_matmul_weight_in_a_byte_with_a_scale_per_output_row(p
     int8 = {name for name, w in stored.items() if w.dtype == np.int8}
     assert int8 == {name for name in params if name == "wte" or name.endswith("_w")}
     for name in int8:
-        assert stored[name + model.INT8_SCALE].shape == (params[name].shape[0],)
-        assert stored[name + model.INT8_SCALE].dtype == np.float16
+        assert stored[name + generate_weights.INT8_SCALE].shape == (params[name].shape[0],)
+        assert stored[name + generate_weights.INT8_SCALE].dtype == np.float16
     assert all(stored[name].dtype == np.float16 for name in params if name not in int8)
     # Little more than half of float16's bytes: tiny's float16 positions are 6 % of them.
     half = sum(w.nbytes for w in generate_weights.converted(params, "float16").values())
@@ -37,7 +37,7 @@ def test_the_layout_is_what_the_conversion_writes(params):
 def test_an_int8_weight_is_within_half_a_step_of_the_float32_one(params):
     w = params["h.0.mlp.in_w"]
     stored = generate_weights.converted(params, "int8")
-    scale = stored["h.0.mlp.in_w" + model.INT8_SCALE].astype(np.float32)[:, None]
+    scale = stored["h.0.mlp.in_w" + generate_weights.INT8_SCALE].astype(np.float32)[:, None]
     assert np.all(np.abs(stored["h.0.mlp.in_w"].astype(np.float32) * scale - w) <= scale / 2 * 1.001)
     # Every row uses the whole range: its largest weight is +-127.
     assert np.all(np.abs(stored["h.0.mlp.in_w"]).max(axis=1) == 127)
