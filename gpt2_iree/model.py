@@ -172,6 +172,7 @@ def _attend(q, k, v, visible):
 LORA_A, LORA_B = ".lora_a", ".lora_b"
 
 
+@jax.custom_vjp
 def _int8_times(x, w, scale):
     """x (..., in) times the int8 weight w (out, in) with its row scales. x is
     quantized too, symmetric, one scale per token, so that the product is
@@ -183,6 +184,24 @@ def _int8_times(x, w, scale):
     xq = jnp.clip(jnp.round(x / x_scale), -127, 127).astype(jnp.int8)
     acc = jnp.einsum("...e,fe->...f", xq, w, preferred_element_type=jnp.int32)
     return acc.astype(jnp.float32) * x_scale * scale
+
+
+def _int8_times_forward(x, w, scale):
+    return _int8_times(x, w, scale), (w, scale)
+
+
+def _int8_times_backward(saved, grad):
+    """x's gradient through the int8 weight, straight through the rounding of
+    x. JAX's own reaches only each token's largest entry, through its scale
+    (round has no derivative), and every adapter's gradient comes back through
+    the int8 LM head. An int8 weight is frozen (a LoRA build's base), so it
+    gets no gradient. The scales belong to the output rows, so they multiply
+    the gradient, and the weight is only widened, as a float16 base is."""
+    w, scale = saved
+    return jnp.einsum("...f,fe->...e", grad * scale, w.astype(grad.dtype)), None, None
+
+
+_int8_times.defvjp(_int8_times_forward, _int8_times_backward)
 
 
 def _linear(params, name, x):

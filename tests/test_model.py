@@ -1,5 +1,6 @@
 """model: the parts of GPT-2 that IREE's GPU path got wrong at the 124M shape,
-each compiled alone for the Metal build's kernels and run on Vulkan against JAX."""
+each compiled alone for the Metal build's kernels and run on Vulkan against
+JAX; and the gradient model.py defines for int8 weights."""
 
 import jax
 import jax.numpy as jnp
@@ -88,3 +89,17 @@ def test_an_int8_projection_is_exact_on_vulkan_with_the_integer_dot_product(vulk
         (tmp_path / name).mkdir()
         (got,) = _run_on_vulkan(product, (x, w), tmp_path / name, target, int8=True)
         np.testing.assert_array_equal(got, expected, err_msg=name)
+
+
+def test_an_int8_product_passes_back_the_gradient_of_its_dequantized_weight():
+    """Rounding x to int8 has no derivative: without model.py's own rule only
+    each token's largest entry gets a gradient, through its scale, and a LoRA
+    build on an int8 base gets all of its gradients through the int8 LM head."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 5, 64)).astype(np.float32)
+    w = rng.integers(-127, 128, (32, 64), dtype=np.int8)
+    scale = rng.uniform(0.001, 0.01, 32).astype(np.float32)
+    upstream = rng.standard_normal((2, 5, 32)).astype(np.float32)
+    _, int8_vjp = jax.vjp(lambda x: model._int8_times(x, w, scale), x)
+    _, float_vjp = jax.vjp(lambda x: jnp.einsum("...e,fe->...f", x, w.astype(np.float32) * scale[:, None]), x)
+    np.testing.assert_allclose(int8_vjp(upstream)[0], float_vjp(upstream)[0], rtol=1e-5, atol=1e-6)
