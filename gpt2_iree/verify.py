@@ -10,7 +10,9 @@ optimizer's state and `eval_loss` within TOLERANCE; and a step from weights
 and optimizer state written back with set_params/set_opt_state must repeat
 the step taken straight on, as a resumed checkpoint does. The generation
 module is compared with JAX on the same float16-rounded weights, to the same
-tolerance; what the rounding itself costs is reported beside. For a target
+tolerance, or on the same int8 ones, to INT8_TOLERANCE or NOISE_MARGIN times
+what float32 rounding moves in JAX's own int8 result, whichever is larger;
+what the rounding itself costs is reported beside. For a target
 this host cannot run, the artifacts are checked structurally, and where the
 host has Vulkan, the target's kernels compiled for it run the parity checks
 too (`targets.on_vulkan`). A LoRA build's module is compared with JAX
@@ -29,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt2_iree.errors import Gpt2IreeError
+from gpt2_iree.generate_weights import INT8_SCALE
 
 TOLERANCE = 1e-4
 # An int8 generation module rounds every activation to int8, and a value that
@@ -38,6 +41,12 @@ TOLERANCE = 1e-4
 # A wrong kernel moves them by O(1); the int8 rounding itself moves tiny's
 # logits 1.2e-2.
 INT8_TOLERANCE = 5e-3
+# A larger model amplifies such a flip into every later layer: a random 124M
+# model's int8 logits move 2.7e-2 when its input moves by float32 rounding,
+# in JAX alone. So an int8 check measures that move (`_rounding_noise`) and
+# allows the module this many times it; where it exceeds the tolerance,
+# tokens, which any such move can change, are reported and not required.
+NOISE_MARGIN = 2.0
 DECODE_STEPS = 16
 SAMPLED_STEPS = 32
 FINETUNE_STEPS = 3
@@ -129,6 +138,8 @@ def _check_generation(module, params: dict, seed: int) -> dict:
     rows.feed(dict(enumerate(prompts)))
     kv_dtype = module.cache_dtype
     errors = {f"prefill_{k}": v for k, v in _cache_errors(module.get_state(), rows, params, cfg, kv_dtype).items()}
+    int8 = any(name.endswith(INT8_SCALE) for name in params)
+    noise = {"rounding_noise": _rounding_noise(params, cfg, prompts[0], T, kv_dtype)} if int8 else {}
 
     visible = [list(p) for p in prompts]  # what each row's model sees, as llama.cpp's context shift keeps it
     tokens, reference = [], []
@@ -150,7 +161,7 @@ def _check_generation(module, params: dict, seed: int) -> dict:
     top1_tokens = _generated(module, prompts, [Sampling(temperature=1.0, top_k=1, seed=seed)] * B, DECODE_STEPS)
     greedy_tokens = _generated(module, prompts, [Sampling()] * B, DECODE_STEPS)
 
-    return {
+    return noise | {
         "cache_dtype": kv_dtype.name,
         "prompt_lengths": lengths,
         "tokens": tokens,
@@ -176,10 +187,29 @@ def _generated(target, prompts: list[list[int]], settings: list, steps: int) -> 
     return [[step[row] for row in range(len(prompts))] for step in steps_out]
 
 
-def _generation_passed(report: dict, tolerance: float = TOLERANCE) -> bool:
+def _judged(report: dict, tolerance: float) -> dict:
+    """`report` with the `tolerance` it is held to (raised to NOISE_MARGIN
+    times its `rounding_noise`, where it has one) and whether it `passed`."""
+    noise = report.get("rounding_noise", 0.0)
+    allowed = max(tolerance, NOISE_MARGIN * noise)
     sampled = report["sampled"]
-    return (report["tokens_equal"] and sampled["equal_to_jax"] and sampled["top_k_1_is_greedy"]
-            and all(e <= tolerance for e in report["relative_errors"].values()))
+    tokens_required = noise <= tolerance
+    tokens = report["tokens_equal"] and sampled["equal_to_jax"]
+    return report | {"tolerance": allowed, "tokens_required": tokens_required,
+                     "passed": ((tokens or not tokens_required) and sampled["top_k_1_is_greedy"]
+                                and all(e <= allowed for e in report["relative_errors"].values()))}
+
+
+def _rounding_noise(params, cfg, tokens: list[int], length: int, cache_dtype: np.dtype) -> float:
+    """How far JAX's own last logits and K/V over `tokens` move when its
+    input moves by float32 rounding (the position embeddings by about an ulp):
+    the most two correct int8 implementations can be expected to differ by."""
+    wpe = np.asarray(params["wpe"])
+    nudge = np.float32(2.0 ** -22) * np.random.default_rng(0).standard_normal(wpe.shape, np.float32)
+    (logits, kv), (moved_logits, moved_kv) = (_forward(p, cfg, tokens, length, cache_dtype)
+                                              for p in (params, params | {"wpe": wpe * (1 + nudge)}))
+    return max(relative_error(moved_logits[:cfg.vocab_size], logits[:cfg.vocab_size]),
+               *(relative_error(moved_kv[k], kv[k]) for k in kv))
 
 
 def check_parity(module, seed: int = 0) -> dict:
@@ -244,17 +274,15 @@ def check_parity(module, seed: int = 0) -> dict:
         "eval_loss": eval_err,
         "resumed_step": resumed,
     }
-    return generation | {
+    return _judged(generation | {
         "kind": "parity",
         "device": module.device,
         "tuning": manifest.get("tuning", {"mode": "full"}),
-        "tolerance": TOLERANCE,
         "losses": losses,
         "reference_losses": ref_losses,
         "relative_errors": errors,
         "worst_param_tensor": {"name": worst, "relative_error": per_tensor[worst]},
-        "passed": _generation_passed(generation | {"relative_errors": errors}),
-    }
+    }, TOLERANCE)
 
 
 def _resumed_step_error(module, params: dict, opt_state: dict, batch: tuple) -> float:
@@ -302,15 +330,13 @@ def check_generation_parity(module, seed: int = 0) -> dict:
               generate_weights.computed(generate_weights.converted(weights, dtype)).items()}
     report = _check_generation(module, params, seed)
     tolerance = INT8_TOLERANCE if dtype == "int8" else TOLERANCE
-    return report | {
+    return _judged(report | {
         "kind": "parity",
         "device": module.device,
-        "tolerance": tolerance,
         "weights_dtype": dtype,
         "rounding_cost": rounding_cost(cfg, params, weights, module.manifest["shapes"]["context"],
                                        module.cache_dtype, seed),
-        "passed": _generation_passed(report, tolerance),
-    }
+    }, tolerance)
 
 
 def exported_functions(dump: str) -> list[str]:
@@ -402,6 +428,12 @@ def summary(report: dict) -> str:
         return (f"structure {'ok' if r['passed'] else 'FAILED'} ({r['executable_format']}, "
                 f"{len(r['exported'])} functions, checks {r['checks']})")
 
+    def noise(r: dict) -> str:
+        if "rounding_noise" not in r:
+            return ""
+        return (f", JAX's own int8 logits and K/V move {r['rounding_noise']:.1e} when its input moves by float32 "
+                f"rounding{'' if r['tokens_required'] else ', so tokens are not required to match'}")
+
     def line(r: dict, what: str) -> str:
         if r["kind"] == "structure":
             return f"{what}: {structure(r)}"
@@ -421,7 +453,7 @@ def summary(report: dict) -> str:
         text = (f"{what}: parity with JAX{weights} {'ok' if r['passed'] else 'FAILED'} on {where} "
                 f"(greedy tokens equal: {r['tokens_equal']}; sampled tokens equal: {sampled['equal_to_jax']}; "
                 f"top-k 1 greedy: {sampled['top_k_1_is_greedy']}; relative errors: {errors}; "
-                f"tolerance {r['tolerance']:g})")
+                f"tolerance {r['tolerance']:.1e}{noise(r)})")
         return f"{text}; {structure(r['structure'])}" if "structure" in r else text
 
     lines = [line(report, report["target"])]

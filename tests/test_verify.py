@@ -90,3 +90,23 @@ def test_rounding_cost_follows_the_config_it_is_given():
                 model.forward({k: jnp.asarray(v) for k, v in p.items()}, cfg, tokens, None, dtype)[0, :, :100]
                 for p, dtype in ((rounded, cache_dtype), (exact, np.float32))))
             assert verify.rounding_cost(cfg, rounded, exact, 16, cache_dtype)["logits"] == pytest.approx(want, rel=1e-4)
+
+
+def test_an_int8_module_is_held_to_what_float32_rounding_moves_in_jax(tiny_int8_build, tmp_path):
+    """Rounding activations to int8 turns float32 noise into whole int8 steps,
+    so an int8 check measures how far JAX's own result moves by that noise.
+    tiny's moves little: its module is held to the int8 tolerance and equal
+    tokens, and one computing with another epsilon fails by far more."""
+    from gpt2_iree.module import Module
+
+    report = verify.check_generation_parity(Module(tiny_int8_build, "local-task", generation=True))
+    assert 0 < report["rounding_noise"] < verify.INT8_TOLERANCE and report["tokens_required"]
+    assert report["passed"] and report["tolerance"] == verify.INT8_TOLERANCE and report["tokens_equal"]
+
+    wrong = tmp_path / "build"
+    shutil.copytree(tiny_int8_build, wrong)
+    manifest = json.loads((wrong / "manifest.json").read_text())
+    manifest["config"]["layer_norm_epsilon"] = 1e-3
+    (wrong / "manifest.json").write_text(json.dumps(manifest))
+    report = verify.check_generation_parity(Module(wrong, "local-task", generation=True))
+    assert not report["passed"] and min(report["relative_errors"].values()) > 10 * report["tolerance"]
