@@ -48,6 +48,7 @@ import numpy as np
 
 from gpt2_iree import host_cpu
 from gpt2_iree.files import replace_atomically
+from gpt2_iree.generate_weights import INT8_SCALE
 
 DECODE_STEPS = 32
 LONG_PROMPT = 512
@@ -108,7 +109,7 @@ def run_benchmark(build_dir: Path, device: str | None = None, repeats: int = 5, 
     import jax
     import jax.numpy as jnp
 
-    from gpt2_iree import lora, model, peak_memory, peers
+    from gpt2_iree import generate_weights, lora, model, peak_memory, peers
     from gpt2_iree.generation import Rows
     from gpt2_iree.module import Module, has_generation_module
     from gpt2_iree.reference import JaxReference
@@ -120,9 +121,8 @@ def run_benchmark(build_dir: Path, device: str | None = None, repeats: int = 5, 
     manifest = module.manifest
     generator = (Module(Path(build_dir), module.device, generation=True)
                  if has_generation_module(module.build_dir, manifest, module.target) else module)
-    # What the weights a decode step reads are stored as (a LoRA build's frozen base: float16).
-    dtype = np.dtype(manifest["generate"]["weights_dtype"] if generator.generation else
-                     manifest["base"]["dtype"] if "base" in manifest else np.float32)
+    # What the weights a decode step reads are stored as (the whole module's: float32).
+    dtype = np.dtype(generate_weights.of_build(manifest) if generator.generation or "base" in manifest else np.float32)
     cfg = model.GPT2Config(**manifest["config"])
     shapes = model.Shapes(**manifest["shapes"])
     optimizer = manifest["optimizer"]
@@ -136,14 +136,14 @@ def run_benchmark(build_dir: Path, device: str | None = None, repeats: int = 5, 
 
     tuning = lora.from_manifest(manifest)
     trained = {name: jnp.asarray(v) for name, v in module.archive_weights().items()}
-    base = {name: jnp.asarray(v) for name, v in (module.base_weights() or {}).items()}
+    base = {name: jnp.asarray(v) for name, v in generate_weights.computed(module.stored_base() or {}).items()}
 
     def network(trained, base=base):
         return lora.computed_weights(trained, base, tuning)
 
     params = network(trained)
     # What a decode step reads, counted as float32 (the floors scale it to the module's dtype).
-    weight_bytes = sum(v.size * 4 for v in (base or trained).values())
+    weight_bytes = sum(v.size * 4 for name, v in (base or trained).items() if not name.endswith(INT8_SCALE))
     reference = JaxReference(manifest, params, generator.cache_dtype)
 
     rng = np.random.default_rng(0)

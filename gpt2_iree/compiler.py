@@ -8,6 +8,7 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from gpt2_iree import generate_weights
 from gpt2_iree.errors import Gpt2IreeError
 from gpt2_iree.files import replace_atomically
 from gpt2_iree.targets import Target, compile_command, get_target, log_name, vmfb_name
@@ -23,7 +24,7 @@ class CompileError(Gpt2IreeError):
 def compile_module(compiler: str, mlir: Path, target: Target, vmfb: Path, log: Path, generation: bool = False,
                    lora: bool = False, int8: bool = False) -> None:
     """Compile `mlir` into `vmfb` (with `generation`, as the target's generation
-    module, `int8` one with int8 weights; with `lora`, as a LoRA build's module); on failure raise with the
+    module; with `lora`, as a LoRA build's module; `int8`: one that generates on int8 weights); on failure raise with the
     log's tail. The unfinished output is removed whatever happens."""
     def compile_to(tmp: Path) -> None:
         cmd = compile_command(compiler, target, mlir, tmp, generation, lora, int8)
@@ -45,11 +46,11 @@ def compile_target(compiler: str, build_dir: Path, target: Target) -> None:
     gpt2-generate.mlir, side by side: one iree-compile keeps about one of this
     machine's two cores busy. A LoRA build (its manifest names a frozen
     `base`) has one module, compiled with the target's `lora_flags`; a
-    generation module with int8 weights gets the target's `int8_flags` too."""
+    module that generates on int8 weights gets the target's `int8_flags` too."""
     build_dir = Path(build_dir)
     manifest = json.loads((build_dir / "manifest.json").read_text())
     lora = "base" in manifest
-    int8 = manifest.get("generate", {}).get("weights_dtype") == "int8"
+    int8 = generate_weights.of_build(manifest) == "int8"
 
     def build(mlir: str, generation: bool) -> None:
         vmfb = vmfb_name(target.name, generation)

@@ -29,8 +29,9 @@ for its matrix-vector kernels): a 124M decode step takes 9 ms there instead of
 float16 on the host.
 
 A LoRA build (`tuning`) has `@gpt2` alone, with the same entry points: its
-`params` are the adapters (gpt2.irpa), and a `base` group, float16 from
-base.irpa, that no entry writes holds the model's weights.
+`params` are the adapters (gpt2.irpa), and a `base` group that no entry
+writes holds the model's weights, float16 or int8 as a generation module's
+(generate_weights.py), from base.irpa.
 """
 
 from __future__ import annotations
@@ -148,15 +149,17 @@ def _avals(tree):
     return jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v), v.dtype), tree)
 
 
-def _half(params: dict) -> dict:
-    return {k: jax.ShapeDtypeStruct(np.shape(v), GENERATE_DTYPE) for k, v in params.items()}
+def _stored(params: dict, weights_format: str) -> dict:
+    """The avals of what a module stores of `params` in `weights_format`."""
+    layout = generate_weights.layout({k: np.shape(v) for k, v in params.items()}, weights_format)
+    return {name: jax.ShapeDtypeStruct(shape, dtype) for name, (shape, dtype) in layout.items()}
 
 
 def entries(cfg: model.GPT2Config, shapes: model.Shapes, optimizer: str, params,
             tuning: lora.Lora | None = None) -> list[stateful.Entry]:
     """The entry points of `@gpt2`, in `functions` order. `params` are what
     finetune trains: every weight, or with `tuning` the LoRA adapters, read
-    with the float16 `base` group that no entry writes."""
+    with the `base` group that no entry writes."""
     B, S = shapes.batch, shapes.seq_len
     opt_state = jax.eval_shape(model.make_optimizer(optimizer).init, params)
     batch = (_i32(B, S), _i32(B, S), _i32(B))
@@ -193,9 +196,9 @@ def entries(cfg: model.GPT2Config, shapes: model.Shapes, optimizer: str, params,
 
 
 def initial_state(cfg: model.GPT2Config, shapes: model.Shapes, optimizer: str, params,
-                  tuning: lora.Lora | None = None, base=None) -> dict:
+                  tuning: lora.Lora | None = None, base=None, weights_format: str = "float16") -> dict:
     return {
-        **({"base": _half(base)} if tuning else {}),
+        **({"base": _stored(base, weights_format)} if tuning else {}),
         "params": params,
         **generation_state(cfg, shapes, cache_dtype(tuning)),
         "opt": model.make_optimizer(optimizer).init(params),
@@ -210,11 +213,11 @@ def opt_state_layout(optimizer: str, params) -> list[list]:
 
 
 def export_mlir(cfg: model.GPT2Config, shapes: model.Shapes, optimizer: str, params,
-                tuning: lora.Lora | None = None, base=None) -> str:
+                tuning: lora.Lora | None = None, base=None, weights_format: str = "float16") -> str:
     """The text of `@gpt2`. Only the shapes of `params` (and `base`) matter here.
     With `tuning`, `params` are the adapters and `base` the frozen weights,
-    read from their float16 archive."""
-    state = initial_state(cfg, shapes, optimizer, params, tuning, base)
+    read from their archive in `weights_format`."""
+    state = initial_state(cfg, shapes, optimizer, params, tuning, base, weights_format)
     groups = ("base", "params") if tuning else ("params",)
     return stateful.build_module(MODULE_NAME, state, groups, entries(cfg, shapes, optimizer, params, tuning))
 
@@ -225,9 +228,7 @@ def export_generate_mlir(cfg: model.GPT2Config, shapes: model.Shapes, params, we
     (GENERATE_ARCHIVE). Converting float32 ones when the module loaded kept
     the float32 archive mapped beside the float16 copy and its packed layout:
     1,076 MB for 124M against 600."""
-    stored = generate_weights.layout({k: np.shape(v) for k, v in params.items()}, weights_format)
-    weights = {name: jax.ShapeDtypeStruct(shape, dtype) for name, (shape, dtype) in stored.items()}
-    state = {"weights": weights, **generation_state(cfg, shapes, cache_dtype(None))}
+    state = {"weights": _stored(params, weights_format), **generation_state(cfg, shapes, cache_dtype(None))}
     table = _generation(cfg, shapes, ("weights",), generate_weights.computed)
     return stateful.build_module(GENERATE_MODULE_NAME, state, ("weights",),
                                  [table[n] for n in generate_functions(shapes)])
@@ -256,24 +257,24 @@ def export_build(out_dir: Path, name: str, cfg: model.GPT2Config, params: dict, 
     """Write the build directory's inputs into `out_dir`: gpt2.mlir, gpt2.irpa
     (what finetune trains), tokenizer.json and manifest.json; and
     gpt2-generate.mlir and its weights in `weights_format` (gpt2-generate.irpa), or with
-    `tuning` (LoRA) base.irpa, the frozen weights in float16, which its one
-    module both tunes and generates on.
+    `tuning` (LoRA) base.irpa, the frozen weights in `weights_format`, which
+    its one module both tunes and generates on.
 
     The manifest is what the runtime reads to open the build, and what later
     stages depend on instead of hashing the (large) archives again.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     trained = lora.init_adapters(cfg, tuning) if tuning else params
-    write_text(out_dir / "gpt2.mlir", export_mlir(cfg, shapes, optimizer, trained, tuning, params if tuning else None))
-    if tuning:
-        write_irpa(params, out_dir / BASE_ARCHIVE, dtype=GENERATE_DTYPE)
-    else:
+    write_text(out_dir / "gpt2.mlir", export_mlir(cfg, shapes, optimizer, trained, tuning, params if tuning else None,
+                                                  weights_format))
+    if not tuning:
         write_text(out_dir / "gpt2-generate.mlir", export_generate_mlir(cfg, shapes, params, weights_format))
-        write_irpa(generate_weights.converted(params, weights_format), out_dir / GENERATE_ARCHIVE, dtype=None)
+    write_irpa(generate_weights.converted(params, weights_format), out_dir / (BASE_ARCHIVE if tuning else GENERATE_ARCHIVE),
+               dtype=None)
     write_irpa(trained, out_dir / "gpt2.irpa")
     if tokenizer:
         replace_atomically(out_dir / "tokenizer.json", lambda tmp: shutil.copyfile(tokenizer, tmp))
-    modules = {"base": {"archive": BASE_ARCHIVE, "dtype": GENERATE_DTYPE.name,
+    modules = {"base": {"archive": BASE_ARCHIVE, "weights_dtype": weights_format,
                         "params": [[k, list(params[k].shape)] for k in sorted(params)],
                         "sha256": sha256_file(out_dir / BASE_ARCHIVE)}} if tuning else {
         "generate": {"module": GENERATE_MODULE_NAME, "functions": generate_functions(shapes),

@@ -1,5 +1,8 @@
 """The generation module's weights, made from float32 ones: float16, or int8 (doit's `generate_weights=`).
 
+A LoRA build's frozen base is stored the same way: its one module generates
+on it and tunes its adapters on it (`model._int8_times` has a gradient for x).
+
 int8 stores every matmul weight (each block's 2-D `*_w` and the tied
 embedding `wte`) as symmetric int8 with one float16 scale per output row,
 `name + INT8_SCALE`; biases, norms and positions stay float16. A scale
@@ -23,6 +26,12 @@ FORMATS = ("float16", "int8")
 # module's weights without importing JAX (125 MB resident and ~2 s).
 INT8_SCALE = ".int8_scale"
 FLOAT16 = np.dtype("float16")
+
+
+def of_build(manifest: dict) -> str:
+    """The format of what a build generates with: its generation module's
+    weights, or a LoRA build's frozen base (which its one module also tunes on)."""
+    return (manifest["base"] if "base" in manifest else manifest["generate"])["weights_dtype"]
 
 
 def _quantized(name: str, shape: tuple[int, ...], weights_format: str) -> bool:

@@ -108,6 +108,8 @@ class Module:
                              f"open it without generation=True")
         if generation and "archive" not in self.manifest.get("generate", {}):
             raise BuildError(f"{self.build_dir} predates the float16 generation module; rebuild it with `doit`")
+        if "base" in self.manifest and "weights_dtype" not in self.manifest["base"]:
+            raise BuildError(f"{self.build_dir} predates int8 LoRA bases; rebuild it with `doit`")
         if decode_function(self.manifest["decode_windows"][0], greedy=True) not in self.manifest["functions"]:
             raise BuildError(f"{self.build_dir} predates the greedy decode entries; rebuild it with `doit`")
         # What the module keeps its KV cache in (float32 in builds that predate the choice).
@@ -183,12 +185,12 @@ class Module:
         # the whole module's finetune and set_params write `params`.
         if self.generation:
             generate = self.manifest["generate"]
-            archives = [(self.build_dir / generate["archive"], _generation_sizes(self.manifest), False)]
+            archives = [(self.build_dir / generate["archive"], _stored_sizes(generate, self.manifest["params"]), False)]
         else:
             archives = [(path, _byte_sizes(self.manifest["params"], np.float32), True)]
         if "base" in self.manifest:
             base = self.manifest["base"]
-            archives.append((self.build_dir / base["archive"], _byte_sizes(base["params"], base["dtype"]), False))
+            archives.append((self.build_dir / base["archive"], _stored_sizes(base, base["params"]), False))
         for archive, expected, _ in archives:
             self._check_sizes({key: entry.length for key, entry in load_index(archive).items()}, expected,
                               f"{archive} does")
@@ -281,16 +283,19 @@ class Module:
             weights = generate_weights.widened(self._weights)
         return {name: weights[name].reshape(shape) for name, shape in self.manifest["params"]}
 
-    def base_weights(self) -> dict[str, np.ndarray] | None:
-        """A LoRA build's frozen weights as float32 (from their float16 archive),
-        shaped: what the module adds the adapters to. None for a full build."""
+    def stored_base(self) -> dict[str, np.ndarray] | None:
+        """A LoRA build's frozen weights as its archive stores them (float16, or
+        int8 and their scales: generate_weights.layout), shaped; None for a
+        full build. `generate_weights.computed` of them is what the module adds
+        the adapters to, `generate_weights.widened` the float32 weights."""
         from gpt2_iree.archive import read_irpa
 
         if "base" not in self.manifest:
             return None
         base = self.manifest["base"]
-        weights = read_irpa(self.build_dir / base["archive"], np.dtype(base["dtype"]))
-        return {name: weights[name].astype(np.float32).reshape(shape) for name, shape in base["params"]}
+        raw = read_irpa(self.build_dir / base["archive"], np.uint8)
+        layout = generate_weights.layout(dict(base["params"]), base["weights_dtype"])
+        return {name: raw[name].view(dtype).reshape(shape) for name, (shape, dtype) in layout.items()}
 
     @_on_device
     def get_params(self) -> dict[str, np.ndarray]:
@@ -326,9 +331,11 @@ def _byte_sizes(layout: list, dtype) -> dict[str, int]:
     return {name: np.dtype(dtype).itemsize * int(np.prod(shape)) for name, shape in layout}
 
 
-def _generation_sizes(manifest: dict) -> dict[str, int]:
-    """name -> bytes of each entry of the generation module's archive."""
-    layout = generate_weights.layout(dict(manifest["params"]), manifest["generate"]["weights_dtype"])
+def _stored_sizes(stored: dict, params: list) -> dict[str, int]:
+    """name -> bytes of each entry of the archive a manifest's `stored` entry
+    (its "generate" or "base") names: `params` ([name, shape] of the float32
+    weights) in its weights_dtype."""
+    layout = generate_weights.layout(dict(params), stored["weights_dtype"])
     return {name: dtype.itemsize * int(np.prod(shape)) for name, (shape, dtype) in layout.items()}
 
 

@@ -241,11 +241,11 @@ class Session:
     def full_weights(self) -> dict[str, np.ndarray]:
         """Every weight as the module computes with it, float32: in a LoRA
         build the frozen base with the adapters merged in."""
-        from gpt2_iree import lora
+        from gpt2_iree import generate_weights, lora
 
         tuning = lora.from_manifest(self.module.manifest)
         trained = self.module.get_params()
-        return lora.merged(self.module.base_weights(), trained, tuning) if tuning else trained
+        return lora.merged(generate_weights.widened(self.module.stored_base()), trained, tuning) if tuning else trained
 
     def export_hf(self, out_dir: Path) -> None:
         """Write the current weights as a Hugging Face GPT-2 directory (merged, in a LoRA build)."""

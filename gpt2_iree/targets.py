@@ -45,7 +45,7 @@ class Target:
     # same name; None: the target has none.
     generate_flags: tuple[str, ...] | None = ()
     # Added to `flags`, in the same way, for a LoRA build's one module: its
-    # frozen base is float16 and constant, its adapters are trained.
+    # frozen base is float16 or int8 and constant, its adapters are trained.
     lora_flags: tuple[str, ...] = ()
     # Added to `flags` for the modules that fine-tune (the whole module and a
     # LoRA build's), never for the generation module.
@@ -53,8 +53,9 @@ class Target:
     # The `#iree_gpu.target` a SPIR-V target's kernels are tiled for, where
     # the target names it.
     gpu: str | None = None
-    # The GPU description a generation module with int8 weights is compiled
-    # for (`int8_flags`), where it differs from the target's.
+    # The GPU description a module that generates on int8 weights (a
+    # generation module's, a LoRA build's base) is compiled for
+    # (`int8_flags`), where it differs from the target's.
     int8_gpu: str | None = None
 
     @property
@@ -63,7 +64,7 @@ class Target:
 
     @property
     def int8_flags(self) -> tuple[str, ...]:
-        """Added after `generate_flags`, in the same way, for a generation module with int8 weights."""
+        """Added after `generate_flags` or `lora_flags`, in the same way, for a module on int8 weights."""
         if self.int8_gpu is None:
             return ()
         return ("--iree-hal-target-device=__device_0="
@@ -303,11 +304,11 @@ def log_name(vmfb: str) -> str:
 def compile_command(compiler: str, target: Target, input_path: str | Path, output_path: str | Path,
                     generation: bool = False, lora: bool = False, int8: bool = False) -> list[str]:
     """argv of `compiler` (an iree-compile binary) building `target`'s whole
-    module from `input_path`, with `generation` its generation module (`int8`:
-    one with int8 weights), with `lora` a LoRA build's module."""
+    module from `input_path`, with `generation` its generation module, with
+    `lora` a LoRA build's module (`int8`: either one generating on int8 weights)."""
     flags = list(target.flags)
     for extra in (target.lora_flags if lora else target.generate_flags if generation else (),
-                  target.int8_flags if generation and int8 else ()):
+                  target.int8_flags if (generation or lora) and int8 else ()):
         replaced = {flag.split("=", 1)[0] for flag in extra}
         flags = [flag for flag in flags if flag.split("=", 1)[0] not in replaced] + list(extra)
     training = () if generation else target.training_flags

@@ -16,8 +16,8 @@ what the rounding itself costs is reported beside. For a target
 this host cannot run, the artifacts are checked structurally, and where the
 host has Vulkan, the target's kernels compiled for it run the parity checks
 too (`targets.on_vulkan`). A LoRA build's module is compared with JAX
-running the same adapters on the same float16 base (`lora.network`), its
-generation checked after the fine-tuning steps, once the adapters matter.
+running the same adapters on the same float16 or int8 base (`lora.network`),
+its generation checked after the fine-tuning steps, once the adapters matter.
 """
 
 from __future__ import annotations
@@ -217,13 +217,15 @@ def check_parity(module, seed: int = 0) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from gpt2_iree import lora, model
+    from gpt2_iree import generate_weights, lora, model
 
     manifest = module.manifest
     cfg = model.GPT2Config(**manifest["config"])
     B, S = manifest["shapes"]["batch"], manifest["shapes"]["seq_len"]
     tuning = lora.from_manifest(manifest)
-    base = {name: jnp.asarray(v) for name, v in (module.base_weights() or {}).items()}
+    base = {name: jnp.asarray(v) for name, v in generate_weights.computed(module.stored_base() or {}).items()}
+    base_format = generate_weights.of_build(manifest) if tuning else None
+    tolerance = INT8_TOLERANCE if base_format == "int8" else TOLERANCE
 
     def network(trained, base=base):
         return lora.computed_weights(trained, base, tuning)
@@ -278,11 +280,12 @@ def check_parity(module, seed: int = 0) -> dict:
         "kind": "parity",
         "device": module.device,
         "tuning": manifest.get("tuning", {"mode": "full"}),
+        **({"base_dtype": base_format} if tuning else {}),
         "losses": losses,
         "reference_losses": ref_losses,
         "relative_errors": errors,
         "worst_param_tensor": {"name": worst, "relative_error": per_tensor[worst]},
-    }, TOLERANCE)
+    }, tolerance)
 
 
 def _resumed_step_error(module, params: dict, opt_state: dict, batch: tuple) -> float:
@@ -449,7 +452,7 @@ def summary(report: dict) -> str:
         tuning = r.get("tuning", {"mode": "full"})
         if tuning["mode"] == "lora":
             weights = (f" (LoRA rank {tuning['rank']}, alpha {tuning['alpha']:g}, on {'+'.join(tuning['targets'])}, "
-                       f"over a float16 base, {r['cache_dtype']} K/V)")
+                       f"{r['base_dtype']} base, {r['cache_dtype']} K/V)")
         text = (f"{what}: parity with JAX{weights} {'ok' if r['passed'] else 'FAILED'} on {where} "
                 f"(greedy tokens equal: {r['tokens_equal']}; sampled tokens equal: {sampled['equal_to_jax']}; "
                 f"top-k 1 greedy: {sampled['top_k_1_is_greedy']}; relative errors: {errors}; "

@@ -45,12 +45,13 @@ VARS = {
     "context": ("", "KV cache positions: the longest prompt plus completion (default: the model's n_positions)"),
     "seq_len": ("128", "fine-tuning window in tokens, at most the model's n_positions"),
     "optimizer": ("", f"{' | '.join(OPTIMIZERS)} (default: adafactor; with tuning=lora, adamw)"),
-    "tuning": ("full", "full (fine-tune every weight) | lora (adapters on a frozen float16 base, one module)"),
+    "tuning": ("full", "full (fine-tune every weight) | lora (adapters on a frozen base, one module)"),
     "lora_rank": ("8", "tuning=lora: the adapters' rank"),
     "lora_alpha": ("16", "tuning=lora: the adapters' alpha (they are scaled by alpha / rank)"),
     "lora_targets": ("attn", "tuning=lora: attn (q/k/v and attention output) | mlp (both MLP matrices) | attn,mlp"),
-    "generate_weights": ("float16", "float16 | int8 (the generation module's weights: int8 with a float16 scale "
-                                    "per output channel, activations int8 per token)"),
+    "generate_weights": ("float16", "float16 | int8 (the weights generation reads: the generation module's, or "
+                                    "tuning=lora's frozen base; int8 with a float16 scale per output channel, "
+                                    "activations int8 per token)"),
     "hf_endpoint": ("", "Hugging Face mirror URL (or env GPT2_IREE_HF_ENDPOINT)"),
     "toolchain": ("wheel", f"{' | '.join(TOOLCHAINS)} (IREE built from iree_repo at iree_ref)"),
     "iree_repo": ("", f"toolchain=source: git URL or local clone of IREE (default {source_build.DEFAULT_REPO})"),
@@ -228,9 +229,6 @@ def parse_config(raw: dict[str, str]) -> BuildConfig:
     toolchain = _choice("toolchain", values["toolchain"], TOOLCHAINS)
     lora = _lora(values, raw)
     generate_weights = _choice("generate_weights", values["generate_weights"], GENERATE_WEIGHTS)
-    if lora and generate_weights != "float16":
-        raise ValueError(f"generate_weights={generate_weights} is not built for tuning=lora yet, whose one module "
-                         f"generates on its float16 base; valid there: float16")
     iree_repo = iree_ref = None
     if toolchain == "source":
         iree_repo = source_build.check_repo(values["iree_repo"] or source_build.DEFAULT_REPO)

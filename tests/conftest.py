@@ -122,6 +122,18 @@ def tiny_lora_build(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_lora_int8_build(tmp_path_factory):
+    """tiny_lora_build's LoRA on an int8 base (generate_weights=int8; cpu module only)."""
+    from gpt2_iree import compiler, toolchain
+    from gpt2_iree.targets import get_target
+
+    build_dir = export_tiny(tmp_path_factory.mktemp("tiny-lora-int8"), optimizer="adamw", tuning=TINY_LORA,
+                            weights_format="int8")
+    compiler.compile_target(toolchain.iree_compile(), build_dir, get_target("cpu"))
+    return build_dir
+
+
+@pytest.fixture(scope="session")
 def english_tiny_model(tmp_path_factory):
     """The tiny model after 300 AdamW steps on English-like text, as a Hugging
     Face directory: a base that has learned something, as LoRA needs. (On the

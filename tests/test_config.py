@@ -131,11 +131,11 @@ def test_bad_lora_settings_are_refused(raw, message):
         parse_config({"model": "tiny", **raw})
 
 
-def test_int8_generation_is_refused_for_a_lora_build():
-    with pytest.raises(ValueError, match="generate_weights=int8 is not built for tuning=lora"):
-        parse_config({"model": "tiny", "tuning": "lora", "generate_weights": "int8"})
+def test_int8_weights_key_the_build_in_either_tuning():
     assert parse_config({"model": "tiny", "generate_weights": "int8"}).build_dir.name == \
         "pretrained-b1-k64-c128-s128-adafactor-gen-int8"
+    assert parse_config({"model": "tiny", "tuning": "lora", "generate_weights": "int8"}).build_dir.name == \
+        "pretrained-b1-k64-c128-s128-adamw-lora-r8-a16-attn-gen-int8"
 
 
 def test_generation_weight_formats_match_the_library():
