@@ -17,9 +17,11 @@ SIMD_FEATURES = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl"
 
 
 def describe_cpu() -> dict:
-    """{"model": ..., "simd": [...]}: the CPU's model (on x86 with its family
-    and model numbers, which name the microarchitecture: AMD 25/1 is Zen 3)
-    and, where /proc/cpuinfo says (Linux), its features among SIMD_FEATURES."""
+    """{"model": ..., "vendor": ..., "simd": [...]}: the CPU's model (on x86
+    with its family and model numbers, which name the microarchitecture: AMD
+    25/1 is Zen 3), its vendor ("GenuineIntel", "AuthenticAMD"; "" where
+    /proc/cpuinfo does not say) and, where /proc/cpuinfo says (Linux), its
+    features among SIMD_FEATURES."""
     fields = {}
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
@@ -30,10 +32,19 @@ def describe_cpu() -> dict:
     if "cpu family" in fields:
         name += f" (family {fields['cpu family']}, model {fields['model']})"
     features = set((fields.get("flags") or fields.get("Features") or "").split())
-    return {"model": name, "simd": [f for f in SIMD_FEATURES if f in features]}
+    return {"model": name, "vendor": fields.get("vendor_id", ""),
+            "simd": [f for f in SIMD_FEATURES if f in features]}
 
 
 def is_avx2_without_avx512() -> bool:
     """An x86 CPU whose widest vectors are AVX2's 8 floats."""
     simd = describe_cpu()["simd"]
     return "avx2" in simd and "avx512f" not in simd
+
+
+def is_intel_with_avx512() -> bool:
+    """An Intel CPU with AVX-512's 16-float vectors. AMD's Zen 4 has them too,
+    on 256-bit units that run each instruction in two halves; the AVX-512
+    tuning spec has been measured on Intel only (targets.py)."""
+    cpu = describe_cpu()
+    return cpu["vendor"] == "GenuineIntel" and "avx512f" in cpu["simd"]

@@ -30,7 +30,7 @@ import dataclasses
 import platform
 from pathlib import Path
 
-from gpt2_iree.host_cpu import is_avx2_without_avx512
+from gpt2_iree.host_cpu import is_avx2_without_avx512, is_intel_with_avx512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,16 +145,21 @@ def _host_elf_format() -> str:
     return "embedded-elf-" + arch.get(machine, machine)
 
 
-# Where an AVX2 CPU is the host, the fine-tuning step's float32 matmuls get
-# tiles of their own (the spec says which and why): a 124M step 2.69 -> 2.40 s
-# on an AMD Zen 3 (iree-benchmark-module, alternating). On AVX-512 IREE's
-# defaults are already fast, and the generation module's matmuls are
-# data-tiled, which a spec would annotate before the tiling.
+# The fine-tuning step's float32 matmuls get tiles of their own where one was
+# measured faster (each spec says which and why). AVX2: a 124M step 2.69 ->
+# 2.40 s on an AMD Zen 3. Intel with AVX-512: 1.76-1.96 -> 1.27-1.29 s
+# (iree-benchmark-module, alternating). On AMD's Zen 4 IREE's defaults ran
+# the step as fast as JAX, and the AVX-512 spec is unmeasured there. The
+# generation module's matmuls are data-tiled, which a spec would annotate
+# before the tiling.
 AVX2_MATMUL_TUNING = Path(__file__).with_name("avx2_matmul_tuning.mlir")
+AVX512_MATMUL_TUNING = Path(__file__).with_name("avx512_matmul_tuning.mlir")
 
 
 def _cpu_training_flags() -> tuple[str, ...]:
-    return (f"--iree-codegen-tuning-spec-path={AVX2_MATMUL_TUNING}",) if is_avx2_without_avx512() else ()
+    spec = (AVX2_MATMUL_TUNING if is_avx2_without_avx512() else
+            AVX512_MATMUL_TUNING if is_intel_with_avx512() else None)
+    return (f"--iree-codegen-tuning-spec-path={spec}",) if spec else ()
 
 
 TARGETS: dict[str, Target] = {

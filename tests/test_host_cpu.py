@@ -12,3 +12,4 @@ def test_the_cpu_is_named_with_the_simd_features_that_pick_kernels():
     if platform.system() == "Linux" and platform.machine() == "x86_64":
         assert "avx" in cpu["simd"]  # every x86-64 CPU that JAX's wheels run on has it
         assert "(family " in cpu["model"]
+        assert cpu["vendor"] in ("GenuineIntel", "AuthenticAMD")

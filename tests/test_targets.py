@@ -210,24 +210,61 @@ func.func @step(%x: tensor<128x768xf32>, %w: tensor<3072x768xf32>, %g: tensor<12
 """
 
 
-def test_the_avx2_tuning_spec_retiles_the_gradient_matmuls_only(iree_compile, tmp_path):
-    # Any x86 host: the spec is read and matched whatever CPU compiles it.
+# The LM head's input gradient: a contraction over the 50304-token vocabulary,
+# which split reduction cuts into 16.
+LM_HEAD_GRADIENT_MODULE = """\
+func.func @step(%g: tensor<128x50304xf32>, %wte: tensor<50304x768xf32>) -> tensor<128x768xf32> {
+  %dx = stablehlo.dot_general %g, %wte, contracting_dims = [1] x [0]
+      : (tensor<128x50304xf32>, tensor<50304x768xf32>) -> tensor<128x768xf32>
+  return %dx : tensor<128x768xf32>
+}
+"""
+
+
+def _retiled_matmuls(iree_compile, tmp_path, module: str, spec: Path, cpu: str, tile: str) -> dict[str, bool]:
+    """{a matmul's operand types: whether `spec` gave it the vector tile `tile`}
+    in `module` compiled for `cpu`, as the cpu target compiles a whole module.
+    Any x86 host: the spec is read and matched whatever CPU compiles it."""
     source = tmp_path / "matmuls.mlir"
-    source.write_text(MATMULS_MODULE)
+    source.write_text(module)
     configs = subprocess.run(
-        [iree_compile, str(source), "--iree-hal-target-backends=llvm-cpu", "--iree-llvmcpu-target-cpu=haswell",
-         f"--iree-codegen-tuning-spec-path={targets.AVX2_MATMUL_TUNING}", "--compile-to=executable-configurations"],
+        [iree_compile, str(source), "--iree-hal-target-backends=llvm-cpu", f"--iree-llvmcpu-target-cpu={cpu}",
+         "--iree-dispatch-creation-enable-split-reduction", f"--iree-codegen-tuning-spec-path={spec}",
+         "--compile-to=executable-configurations"],
         capture_output=True, text=True, timeout=120, check=True).stdout
-    tiles = {line.split("ins(")[1].split(")")[0].split(":")[1].strip(): "vector_common_parallel = [6, 16, 0]" in line
-             for line in configs.splitlines() if "linalg.matmul" in line and "lowering_config" in line}
-    assert tiles == {"tensor<128x768xf32>, tensor<3072x768xf32>": False,   # forward: IREE's own tile
-                     "tensor<128x3072xf32>, tensor<3072x768xf32>": True,   # input gradient
-                     "tensor<128x3072xf32>, tensor<128x768xf32>": True}    # weight gradient
+    return {line.split("ins(")[1].split(")")[0].split(":")[1].strip(): f"vector_common_parallel = {tile}" in line
+            for line in configs.splitlines() if "linalg.matmul" in line and "lowering_config" in line}
+
+
+def _passed_on_this_host(spec: Path) -> bool:
+    """Whether the cpu target's whole module gets `spec` here; its generation module never does."""
     cpu = get_target("cpu")
     whole = compile_command("iree-compile", cpu, Path("gpt2.mlir"), Path("out.vmfb"))
     generation = compile_command("iree-compile", cpu, Path("gpt2-generate.mlir"), Path("out.vmfb"), generation=True)
-    spec = f"--iree-codegen-tuning-spec-path={targets.AVX2_MATMUL_TUNING}"
-    assert (spec in whole) == host_cpu.is_avx2_without_avx512() and spec not in generation
+    flag = f"--iree-codegen-tuning-spec-path={spec}"
+    assert flag not in generation
+    return flag in whole
+
+
+def test_the_avx2_tuning_spec_retiles_the_gradient_matmuls_only(iree_compile, tmp_path):
+    tiles = _retiled_matmuls(iree_compile, tmp_path, MATMULS_MODULE, targets.AVX2_MATMUL_TUNING, "haswell",
+                             "[6, 16, 0]")
+    assert tiles == {"tensor<128x768xf32>, tensor<3072x768xf32>": False,   # forward: IREE's own tile
+                     "tensor<128x3072xf32>, tensor<3072x768xf32>": True,   # input gradient
+                     "tensor<128x3072xf32>, tensor<128x768xf32>": True}    # weight gradient
+    assert _passed_on_this_host(targets.AVX2_MATMUL_TUNING) == host_cpu.is_avx2_without_avx512()
+
+
+def test_the_avx512_tuning_spec_retiles_the_gradient_matmuls_and_the_split_lm_head_gradient(iree_compile, tmp_path):
+    spec, tile = targets.AVX512_MATMUL_TUNING, "[8, 32, 0]"
+    assert _retiled_matmuls(iree_compile, tmp_path, MATMULS_MODULE, spec, "sapphirerapids", tile) == {
+        "tensor<128x768xf32>, tensor<3072x768xf32>": False,   # forward: IREE's own tile
+        "tensor<128x3072xf32>, tensor<3072x768xf32>": True,   # input gradient
+        "tensor<128x3072xf32>, tensor<128x768xf32>": True}    # weight gradient
+    # One of 16 slices of the vocabulary each.
+    assert _retiled_matmuls(iree_compile, tmp_path, LM_HEAD_GRADIENT_MODULE, spec, "sapphirerapids", tile) == {
+        "tensor<128x3144xf32>, tensor<3144x768xf32>": True}
+    assert _passed_on_this_host(spec) == host_cpu.is_intel_with_avx512()
 
 
 def test_compile_command_adds_the_generation_flags():
