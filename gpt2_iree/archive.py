@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -52,3 +53,26 @@ def read_irpa(path: Path, dtype: np.dtype = np.float32) -> dict[str, np.ndarray]
 
     return {key: rt.parameter_index_entry_as_numpy_flat_ndarray(entry).view(dtype).copy()
             for key, entry in load_index(path).items()}
+
+
+class ArchiveArrays(Mapping):
+    """The float32 arrays of the archive at `path`, each read from the file
+    when it is asked for, shaped as `shapes` says, and not kept: a conversion
+    that takes them one at a time holds one (124M: at most wte's 155 MB),
+    where `read_irpa` holds the whole archive (498 MB) beside what it becomes."""
+
+    def __init__(self, path: Path, shapes: dict[str, tuple[int, ...]]):
+        self.path = Path(path)
+        self.shapes = shapes
+        # name -> (offset, bytes) in the file
+        self.spans = {key: (entry.file_storage[1], entry.length) for key, entry in load_index(self.path).items()}
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        offset, length = self.spans[key]
+        return np.fromfile(self.path, np.float32, count=length // 4, offset=offset).reshape(self.shapes[key])
+
+    def __iter__(self):
+        return iter(self.spans)
+
+    def __len__(self) -> int:
+        return len(self.spans)

@@ -14,6 +14,7 @@ import functools
 import json
 import platform
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -128,7 +129,10 @@ class Module:
             index, self._weights = self._load_params(self.params_path, given=params is not None)
         else:
             self.params_path = None
-            index, self._weights = self._index_of(weights)
+            self._check_sizes({k: v.nbytes if v.dtype == np.float32 else -1 for k, v in weights.items()},
+                              _byte_sizes(self.manifest["params"], np.float32), "the weights given do")
+            shapes = dict(self.manifest["params"])
+            index, self._weights = self._index_of({name: w.reshape(shapes[name]) for name, w in weights.items()})
 
         self._device, self._context = self._load(vmfb, index)
         name = self.manifest["generate"]["module"] if generation else "gpt2"
@@ -174,13 +178,17 @@ class Module:
         LoRA build, the frozen base's archive beside the module; refused if one
         does not fit it. The generation module reads its own float16 archive,
         or, `given` another (weights tuned elsewhere), that one's weights made
-        float16 on the host, as after fine-tuning (`_index_of`)."""
-        from gpt2_iree.archive import load_index, read_irpa
+        float16 on the host as they are read, one at a time, as after
+        fine-tuning: (index, the copy, `_index_of`)."""
+        from gpt2_iree.archive import ArchiveArrays, load_index
 
         if not path.is_file():
             raise BuildError(f"parameter archive {path} does not exist")
         if self.generation and given:
-            return self._index_of(read_irpa(path))
+            weights = ArchiveArrays(path, dict(self.manifest["params"]))
+            self._check_sizes({key: length for key, (_, length) in weights.spans.items()},
+                              _byte_sizes(self.manifest["params"], np.float32), f"{path} does")
+            return self._index_of(weights)
         # (archive, its byte sizes, whether an entry writes its parameters):
         # the whole module's finetune and set_params write `params`.
         if self.generation:
@@ -197,20 +205,14 @@ class Module:
         return device_memory.index_of_archives([(archive, written) for archive, _, written in archives],
                                                self.device), None
 
-    def _index_of(self, weights: dict[str, np.ndarray]):
-        """An index of a page-aligned copy of float32 `weights` (for the
-        generation module, converted to its format, float16 or int8, tensor by
-        tensor as it is copied) and that copy, refused if they do not fit the module."""
-        self._check_sizes({k: v.nbytes if v.dtype == np.float32 else -1 for k, v in weights.items()},
-                          _byte_sizes(self.manifest["params"], np.float32), "the weights given do")
+    def _index_of(self, weights: Mapping[str, np.ndarray]):
+        """An index of a page-aligned copy of float32 `weights`, shaped as the
+        module holds them (for the generation module, converted to its format,
+        float16 or int8, tensor by tensor as it is copied), and that copy."""
         if not self.generation:
             return device_memory.index_of_arrays(weights)
-        # Shaped as the module holds them (an archive's arrays are flat): int8
-        # quantizes a weight by its rows.
-        shapes = dict(self.manifest["params"])
-        weights = {name: value.reshape(shapes[name]) for name, value in weights.items()}
         weights_format = self.manifest["generate"]["weights_dtype"]
-        return device_memory.index_of_weights(generate_weights.layout(shapes, weights_format),
+        return device_memory.index_of_weights(generate_weights.layout(dict(self.manifest["params"]), weights_format),
                                               lambda name: generate_weights.entry(weights, name, weights_format))
 
     def _check_sizes(self, sizes: dict[str, int], expected: dict[str, int], subject: str) -> None:

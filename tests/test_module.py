@@ -57,6 +57,9 @@ def test_params_that_do_not_match_the_module_are_refused(tiny_build, tmp_path):
     archive.write_irpa(weights, tmp_path / "bad.irpa")
     with pytest.raises(BuildError, match=r"missing: wpe; wrong size: ln_f.bias"):
         Module(tiny_build, params=tmp_path / "bad.irpa")
+    # The generation module, which converts them on the host as it reads them, names the file too.
+    with pytest.raises(BuildError, match=r"bad.irpa does not match the module .*missing: wpe; wrong size: ln_f.bias"):
+        Module(tiny_build, params=tmp_path / "bad.irpa", generation=True)
     (tmp_path / "garbage.irpa").write_bytes(b"not an archive")
     with pytest.raises(ArchiveError, match="garbage.irpa is not an IREE parameter archive"):
         Module(tiny_build, params=tmp_path / "garbage.irpa")
