@@ -221,6 +221,20 @@ func.func @step(%g: tensor<128x50304xf32>, %wte: tensor<50304x768xf32>) -> tenso
 """
 
 
+# A LoRA step's products through its frozen float16 base w: the forward x.w^T and the input gradient g.w.
+FLOAT16_BASE_MODULE = """\
+func.func @step(%x: tensor<128x768xf32>, %w16: tensor<3072x768xf16>, %g: tensor<128x3072xf32>)
+    -> (tensor<128x3072xf32>, tensor<128x768xf32>) {
+  %w = stablehlo.convert %w16 : (tensor<3072x768xf16>) -> tensor<3072x768xf32>
+  %y = stablehlo.dot_general %x, %w, contracting_dims = [1] x [1]
+      : (tensor<128x768xf32>, tensor<3072x768xf32>) -> tensor<128x3072xf32>
+  %dx = stablehlo.dot_general %g, %w, contracting_dims = [1] x [0]
+      : (tensor<128x3072xf32>, tensor<3072x768xf32>) -> tensor<128x768xf32>
+  return %y, %dx : tensor<128x3072xf32>, tensor<128x768xf32>
+}
+"""
+
+
 def _retiled_matmuls(iree_compile, tmp_path, module: str, spec: Path, cpu: str, tile: str) -> dict[str, bool]:
     """{a matmul's operand types: whether `spec` gave it the vector tile `tile`}
     in `module` compiled for `cpu`, as the cpu target compiles a whole module.
@@ -255,7 +269,7 @@ def test_the_avx2_tuning_spec_retiles_the_gradient_matmuls_only(iree_compile, tm
     assert _passed_on_this_host(targets.AVX2_MATMUL_TUNING) == host_cpu.is_avx2_without_avx512()
 
 
-def test_the_avx512_tuning_spec_retiles_the_gradient_matmuls_and_the_split_lm_head_gradient(iree_compile, tmp_path):
+def test_the_avx512_tuning_spec_retiles_the_gradients_the_split_lm_head_and_a_float16_base(iree_compile, tmp_path):
     spec, tile = targets.AVX512_MATMUL_TUNING, "[8, 32, 0]"
     assert _retiled_matmuls(iree_compile, tmp_path, MATMULS_MODULE, spec, "sapphirerapids", tile) == {
         "tensor<128x768xf32>, tensor<3072x768xf32>": False,   # forward: IREE's own tile
@@ -264,6 +278,10 @@ def test_the_avx512_tuning_spec_retiles_the_gradient_matmuls_and_the_split_lm_he
     # One of 16 slices of the vocabulary each.
     assert _retiled_matmuls(iree_compile, tmp_path, LM_HEAD_GRADIENT_MODULE, spec, "sapphirerapids", tile) == {
         "tensor<128x3144xf32>, tensor<3144x768xf32>": True}
+    # A LoRA step's input gradient through its float16 base; its forward keeps IREE's tile.
+    assert _retiled_matmuls(iree_compile, tmp_path, FLOAT16_BASE_MODULE, spec, "sapphirerapids", tile) == {
+        "tensor<128x768xf32>, tensor<3072x768xf16>": False,
+        "tensor<128x3072xf32>, tensor<3072x768xf16>": True}
     assert _passed_on_this_host(spec) == host_cpu.is_intel_with_avx512()
 
 
