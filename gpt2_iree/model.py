@@ -12,14 +12,9 @@ code; each avoids something IREE 3.13 rejects or runs slowly (see DESIGN.md):
   >= 128, which (3, H, Q, E) would not be, and IREE runs the q/k/v projection
   written as one einsum over heads 2.7x slower (4.1 vs 1.5 ms per layer in a
   124M fine-tuning step).
-* The KV cache is written one row at a time, not under vmap (a batched
-  scatter), nor as a one-hot `where` over the sequence axis, which reads and
-  writes the whole cache to add one position. Prefill writes its chunk with
-  `dynamic_update_slice`; a decode step its one slot with a scatter
-  (`_write_slot`), whose index the device reads: IREE turns a
-  `dynamic_update_slice` at a position held on the device into a copy at an
-  offset it must know on the host, so every step waited for the device to
-  hand it the position before it could record the step. A decode step
+* The KV cache is written with one `dynamic_update_slice` per row, not under
+  vmap (a batched scatter), nor as a one-hot `where` over the sequence axis,
+  which reads and writes the whole cache to add one position. A decode step
   attends over a static window of the cache (`decode(..., window)`, one entry
   point per window), so late steps read what they need and early ones less.
 * The loss is `-sum(log_softmax * one_hot)`, not `take_along_axis`, whose
@@ -354,17 +349,6 @@ def _write_rows(cache_kv, new, starts):
     return cache_kv
 
 
-def _write_slot(cache_kv, new, pos):
-    """cache_kv (B,L,H,Q) with each row b's one new slot `new[b, 0]` (H,Q)
-    written at `pos[b]`, clamped into the cache as `dynamic_update_slice`
-    clamps. A scatter of H*Q elements: IREE's GPU path drops a scatter's
-    elements past 65,535 (`_rows`), so a prefill chunk keeps `_write_rows`."""
-    new = new.astype(cache_kv.dtype)
-    for b in range(cache_kv.shape[0]):
-        cache_kv = cache_kv.at[b, pos[b]].set(new[b, 0], mode="clip")
-    return cache_kv
-
-
 # Bisection steps that find the top-k and top-p thresholds: they halve the
 # logits' range each, so 24 resolve a range of 100 to 6e-6.
 THRESHOLD_STEPS = 24
@@ -488,8 +472,8 @@ def decode(params, cfg: GPT2Config, shapes: Shapes, cache, window: int, active, 
     new = {}
 
     def attend(i, q, k, v):
-        new[f"k.{i}"] = _write_slot(cache[f"k.{i}"], k, pos)
-        new[f"v.{i}"] = _write_slot(cache[f"v.{i}"], v, pos)
+        new[f"k.{i}"] = _write_rows(cache[f"k.{i}"], k, pos)
+        new[f"v.{i}"] = _write_rows(cache[f"v.{i}"], v, pos)
         return _attend(q, new[f"k.{i}"][:, :window], new[f"v.{i}"][:, :window], visible)
 
     x = _embed(params, cache["token"][:, None], jnp.minimum(pos, cfg.n_positions - 1)[:, None])
