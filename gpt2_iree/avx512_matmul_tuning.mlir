@@ -17,7 +17,8 @@
 // multiply by the frozen float16 base, A (f32) . B (f16). The same tile runs
 // those 10-20 % faster (the MLP's two 138 -> 121 and 131 -> 117 ms, the
 // attention's 38 -> 30, a step; on the forward's A.B^T, as in float32, it
-// is slower): a 124M LoRA step 683-703 -> 622-665 ms.
+// is slower): a 124M LoRA step 701-708 -> 664-675 ms (iree-benchmark-module,
+// alternating, Intel Xeon).
 module attributes {transform.with_named_sequence, iree_codegen.tuning_spec_with_default_entrypoint} {
   transform.named_sequence @apply_wide_tiles(%op: !transform.any_op {transform.readonly}) {
     %config = transform.param.constant #iree_codegen.compilation_info<
