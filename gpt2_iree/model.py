@@ -330,15 +330,19 @@ def empty_cache(cfg: GPT2Config, shapes: Shapes, dtype=jnp.float32) -> dict[str,
              "token": jnp.zeros((shapes.batch,), jnp.int32),
              "logits": jnp.zeros((shapes.batch, cfg.padded_vocab), jnp.float32),
              "key": jnp.zeros((shapes.batch, 2), jnp.int32)}
-    # A slot's content is never read before a write, so any start will do, and
-    # each layer's K and V start at a value of their own: IREE 3.13 takes a
-    # mutable global that is only ever updated in place (as dynamic_update_slice
-    # does) for a constant, and merges constants that start equal, so all the
-    # caches became one buffer that every layer wrote.
-    for i in range(cfg.n_layer):
-        cache[f"k.{i}"] = jnp.full(kv_shape, 2 * i, dtype)
-        cache[f"v.{i}"] = jnp.full(kv_shape, 2 * i + 1, dtype)
+    # Zero here, where JAX runs it; the module leaves K and V uninitialised
+    # (export.generation_state), so that a process that only fine-tunes never
+    # touches their pages, and `started` zeroes a row's before it is used:
+    # attention multiplies the slots past a row's end by zero, and zero times
+    # whatever an allocation held (a NaN on a GPU) need not be zero.
+    for name in kv_names(cfg):
+        cache[name] = jnp.zeros(kv_shape, dtype)
     return cache
+
+
+def kv_names(cfg: GPT2Config) -> list[str]:
+    """The cache's per-layer K and V: "k.<i>", "v.<i>"."""
+    return [f"{kv}.{i}" for i in range(cfg.n_layer) for kv in "kv"]
 
 
 def _write_rows(cache_kv, new, starts):
@@ -414,9 +418,13 @@ def seeded_keys(seeds):
     return jax.lax.bitcast_convert_type(keys, jnp.int32)
 
 
-def reseeded(keys, seeds, rows):
-    """keys (B,2) with each row whose `rows` (B,) flag is set restarted at its seed."""
-    return jnp.where((rows != 0)[:, None], seeded_keys(seeds), keys)
+def started(cfg: GPT2Config, cache, seeds, rows):
+    """`cache` with each row whose `rows` (B,) flag is set emptied: its K and V
+    zero and its generator restarted at its seed (B,)."""
+    flagged = rows != 0
+    cleared = {name: jnp.where(flagged[:, None, None, None], jnp.zeros_like(cache[name]), cache[name])
+               for name in kv_names(cfg)}
+    return cache | cleared | {"key": jnp.where(flagged[:, None], seeded_keys(seeds), cache["key"])}
 
 
 def _advanced(cache, on, pos, token, logits, key):

@@ -254,7 +254,8 @@ class Module:
 
     @_on_device
     def seed(self, seeds: np.ndarray, rows: np.ndarray) -> None:
-        """Restart the generator of each row whose `rows` flag is set, at its seed."""
+        """Start each row whose `rows` flag is set: zero its K/V, which the module
+        leaves uninitialised until then, and restart its generator at its seed."""
         self.functions.seed(*self._args(*_int32(seeds, rows)))
 
     @_on_device

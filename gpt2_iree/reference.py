@@ -30,7 +30,7 @@ class JaxReference:
         self.cache = model.empty_cache(cfg, shapes, cache_dtype)
         self._prefill = jax.jit(lambda p, c, x, n, s, t: model.prefill(p, cfg, shapes, c, x, n, s, t))
         self._decode = jax.jit(lambda p, c, w, a, t: model.decode(p, cfg, shapes, c, w, a, t), static_argnums=2)
-        self._reseeded = jax.jit(model.reseeded)
+        self._started = jax.jit(lambda c, s, r: model.started(cfg, c, s, r))
 
     def prefill(self, chunk, lengths, starts, sampling):
         self.cache, token = self._prefill(self.params, self.cache, chunk, lengths, starts, sampling)
@@ -41,7 +41,7 @@ class JaxReference:
         return np.asarray(token)
 
     def seed(self, seeds, rows):
-        self.cache = self.cache | {"key": self._reseeded(self.cache["key"], seeds, rows)}
+        self.cache = self._started(self.cache, seeds, rows)
 
     def get_state(self):
         return {name: np.asarray(value) for name, value in self.cache.items()}

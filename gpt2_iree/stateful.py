@@ -8,7 +8,9 @@ entry loads the state it reads from `util.global`s, calls the lowered body and
 stores the state it writes. Parameters are globals initialised from a named
 parameter archive (`#flow.parameter.named<"model"::"key">`), so the weights
 ship in a `.irpa` beside the module instead of inside it. State that no entry
-writes is constant, which lets IREE prepare it once, at load.
+writes is constant, which lets IREE prepare it once, at load. State given only
+by its shape and dtype starts uninitialised: IREE allocates it and writes
+nothing, so its pages cost no memory until an entry writes them.
 """
 
 from __future__ import annotations
@@ -119,8 +121,10 @@ def build_module(module_name: str, state: dict[str, Any], param_groups: tuple[st
     `state` maps group name -> pytree of initial values (or of their shapes and
     dtypes). The groups named in `param_groups` must be flat dicts; their
     globals are read from the parameter archives under the dicts' keys. Every
-    other group starts as the splat of its initial values (the KV cache and
-    optimizer state start at zero).
+    other leaf starts as the splat of its initial value (optimizer state
+    starts at zero), or, given as a `jax.ShapeDtypeStruct`, uninitialised:
+    an entry must write it before any reads it (the KV cache, which `seed`
+    clears).
 
     A group is mutable if an entry writes it. The others are constant once the
     module has loaded, so IREE may transform them once, at load, instead of in
@@ -131,6 +135,7 @@ def build_module(module_name: str, state: dict[str, Any], param_groups: tuple[st
     written = {group for entry in entries for group in entry.writes}
     globals_ = {}  # group -> [(global name, leaf)]
     lines = [f"module @{module_name} {{"]
+    uninitialised = []
     for group, tree in state.items():
         leaves_with_paths = jax.tree_util.tree_flatten_with_path(tree)[0]
         globals_[group] = []
@@ -139,10 +144,21 @@ def build_module(module_name: str, state: dict[str, Any], param_groups: tuple[st
             name = _global_name(group, path)
             if group in param_groups:
                 init = f' = #flow.parameter.named<"{PARAMETER_SCOPE}"::"{path[0].key}">'
+            elif isinstance(leaf, jax.ShapeDtypeStruct):
+                if not mutable:
+                    raise ValueError(f"state {name!r} has no initial value, and no entry writes it")
+                init = ""
+                uninitialised.append((name, leaf))
             else:
                 init = f" = {_splat(leaf)}"
             lines.append(f"  util.global private{mutable} @{name}{init} : {tensor_type(leaf)}")
             globals_[group].append((name, leaf))
+    for name, leaf in uninitialised:
+        lines += ["  util.initializer {",
+                  f"    %empty = tensor.empty() : {tensor_type(leaf)}",
+                  f"    util.global.store %empty, @{name} : {tensor_type(leaf)}",
+                  "    util.return",
+                  "  }"]
 
     ctx = ir.Context()
     bodies = []

@@ -164,6 +164,20 @@ def test_a_lora_module_keeps_its_kv_cache_in_float16(tiny_build, tiny_lora_build
         assert {state[f"{kv}.0"].dtype for kv in "kv"} == {np.dtype(dtype)}
 
 
+def test_seed_empties_a_row_s_kv_cache(tiny_build, tiny_lora_build):
+    # K and V start uninitialised, so that fine-tuning never touches their
+    # pages; starting a row (`seed`) zeroes its slots before generation reads
+    # them, since attention multiplies the slots past a row's end by zero.
+    for build, generation in ((tiny_build, False), (tiny_build, True), (tiny_lora_build, False)):
+        module = Module(build, "local-task", generation=generation)
+        module.seed(np.array([3]), np.array([1]))
+        module.prefill(np.arange(64)[None], np.array([64]), np.array([0]), ((0.0,), (0,), (1.0,)))
+        assert np.abs(module.get_state()["k.0"][0, :64]).min() > 0
+        module.seed(np.array([3]), np.array([1]))
+        state = module.get_state()
+        assert not any(state[f"{kv}.{i}"].any() for i in range(module.manifest["config"]["n_layer"]) for kv in "kv")
+
+
 @pytest.mark.skipif(platform.system() != "Linux", reason="reads /proc/self/maps")
 def test_the_cpu_maps_an_archive_only_where_its_weights_stay_constant(tiny_build, tiny_lora_build, tmp_path):
     # The whole module copies the weights it trains into buffers of its own: a
@@ -189,6 +203,7 @@ def test_the_cpu_maps_an_archive_only_where_its_weights_stay_constant(tiny_build
     # The generation module computes on the same float16 weights whether they
     # come from its archive or are made on the host from a float32 one.
     def logits(module):
+        module.seed(np.array([0]), np.array([1]))
         module.prefill(np.arange(64)[None], np.array([64]), np.array([0]), ((0.0,), (0,), (1.0,)))
         return module.get_state()["logits"]
 

@@ -1,5 +1,8 @@
 """stateful: JAX functions -> one IREE module, its parameters constant, state written by calls carried between them."""
 
+from pathlib import Path
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,18 +19,14 @@ STEP = stateful.Entry("step", lambda params, acc: (({"total": acc["total"] + par
                                                     acc["total"]), reads=("params", "acc"), writes=("acc",))
 
 
-def test_parameters_no_call_writes_are_constant_and_state_written_by_calls_is_kept(tmp_path):
-    text = stateful.build_module("m", STATE, ("params",), [STEP])
-    # Only what an entry writes is mutable; the rest is constant once loaded.
-    assert 'util.global private @params_w = #flow.parameter.named<"model"::"w"> : tensor<4xf16>' in text
-    assert "util.global private mutable @acc_total = dense<0.0> : tensor<4xf32>" in text
-
+def _open(tmp_path, text: str, params: dict):
+    """The compiled module `text`, its parameters `params` (written as float16), on the CPU."""
     import iree.runtime as rt
 
     (tmp_path / "m.mlir").write_text(text)
     compiler.compile_module(toolchain.iree_compile(), tmp_path / "m.mlir", get_target("cpu"), tmp_path / "m.vmfb",
                             tmp_path / "m.log")
-    archive.write_irpa({"w": np.array([1, 2, 3, 4])}, tmp_path / "m.irpa", dtype=np.float16)
+    archive.write_irpa(params, tmp_path / "m.irpa", dtype=np.float16)
     index = rt.ParameterIndex()
     index.load(str(tmp_path / "m.irpa"))
     config = rt.Config("local-task")
@@ -35,7 +34,49 @@ def test_parameters_no_call_writes_are_constant_and_state_written_by_calls_is_ke
         rt.create_io_parameters_module(config.vm_instance, index.create_provider(scope="model")),
         rt.create_hal_module(config.vm_instance, config.device),
         rt.VmModule.mmap(config.vm_instance, str(tmp_path / "m.vmfb"))])
-    step = context.modules.m.step
+    return context.modules.m
+
+
+def test_parameters_no_call_writes_are_constant_and_state_written_by_calls_is_kept(tmp_path):
+    text = stateful.build_module("m", STATE, ("params",), [STEP])
+    # Only what an entry writes is mutable; the rest is constant once loaded.
+    assert 'util.global private @params_w = #flow.parameter.named<"model"::"w"> : tensor<4xf16>' in text
+    assert "util.global private mutable @acc_total = dense<0.0> : tensor<4xf32>" in text
+
+    step = _open(tmp_path, text, {"w": np.array([1, 2, 3, 4])}).step
     assert np.asarray(step().to_host()).tolist() == [0, 0, 0, 0]
     assert np.asarray(step().to_host()).tolist() == [1, 2, 3, 4]
     assert np.asarray(step().to_host()).tolist() == [2, 4, 6, 8]
+
+
+def _resident_mb() -> float:
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) / 2**10
+
+
+def test_state_given_as_a_shape_costs_no_memory_until_a_call_writes_it(tmp_path):
+    # What keeps a process that only fine-tunes from paying for the KV cache:
+    # uninitialised state is allocated, not written, so its pages stay untouched.
+    rows = 256  # 64 MB of float32
+    state = {"params": {"w": np.zeros(4, np.float16)},
+             "buf": {"rows": jax.ShapeDtypeStruct((rows, 1 << 16), np.float32)}}
+    write = stateful.Entry("write", lambda buf, row, value: (({"rows": jax.lax.dynamic_update_slice(
+        buf["rows"], jnp.broadcast_to(value, (1, 1 << 16)), (row, 0))},), ()),
+        (jax.ShapeDtypeStruct((), np.int32), jax.ShapeDtypeStruct((), np.float32)), reads=("buf",), writes=("buf",))
+    read = stateful.Entry("read", lambda buf, row: ((), jax.lax.dynamic_index_in_dim(buf["rows"], row, 0, False)[:4]),
+                          (jax.ShapeDtypeStruct((), np.int32),), reads=("buf",))
+    text = stateful.build_module("m", state, ("params",), [write, read])
+    assert "util.global private mutable @buf_rows : tensor<256x65536xf32>\n" in text
+
+    before = _resident_mb()
+    module = _open(tmp_path, text, {"w": np.zeros(4)})
+    module.write(np.int32(3), np.float32(2.5))
+    assert _resident_mb() - before < 32
+    assert np.asarray(module.read(np.int32(3)).to_host()).tolist() == [2.5] * 4
+
+
+def test_state_with_no_initial_value_must_be_written_by_an_entry():
+    state = {"params": {"w": np.zeros(4, np.float16)}, "buf": {"x": jax.ShapeDtypeStruct((4,), np.float32)}}
+    read = stateful.Entry("read", lambda buf: ((), buf["x"]), reads=("buf",))
+    with pytest.raises(ValueError, match="'buf_x' has no initial value, and no entry writes it"):
+        stateful.build_module("m", state, ("params",), [read])
