@@ -17,8 +17,10 @@ code; each avoids something IREE 3.13 rejects or runs slowly (see DESIGN.md):
   which reads and writes the whole cache to add one position. A decode step
   attends over a static window of the cache (`decode(..., window)`, one entry
   point per window), so late steps read what they need and early ones less.
-* The loss is `-sum(log_softmax * one_hot)`, not `take_along_axis`, whose
-  gradient is a batched scatter too.
+* The loss picks the target's logit with a comparison against the token ids,
+  not `take_along_axis`, whose gradient is a batched scatter too, and its
+  gradient is written by hand (`_cross_entropy`): autodiff of log_softmax
+  kept more logits-sized buffers alive in a step.
 * Masks use `where(mask, x, -1e9)`; `x - inf * mask` would give 0 * inf = NaN.
 * The module's Adafactor is adafactor.py's: optax's math, written so that IREE
   streams each weight fewer times (see `make_optimizer`).
@@ -518,11 +520,38 @@ def make_optimizer(name: str, for_iree: bool = False) -> optax.GradientTransform
     raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
 
 
+@jax.custom_vjp
+def _cross_entropy(logits, target):
+    """-log softmax(logits)[target] over the last axis; `target` holds token ids."""
+    return _cross_entropy_forward(logits, target)[0]
+
+
+def _is_target(logits, target):
+    # Compared where it is used, never stored: a one-hot of the targets is
+    # as large as the logits (25.7 MB at B=1, S=128).
+    return jnp.arange(logits.shape[-1]) == target[..., None]
+
+
+def _cross_entropy_forward(logits, target):
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    log_total = jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1, keepdims=True)) + top
+    picked = jnp.sum(jnp.where(_is_target(logits, target), logits, 0.0), axis=-1)
+    return log_total[..., 0] - picked, (logits, log_total, target)
+
+
+def _cross_entropy_backward(saved, grad):
+    # softmax - one_hot in one pass over the logits, which differentiating
+    # log_softmax took several logits-sized buffers for.
+    logits, log_total, target = saved
+    return (jnp.exp(logits - log_total) - _is_target(logits, target)) * grad[..., None], None
+
+
+_cross_entropy.defvjp(_cross_entropy_forward, _cross_entropy_backward)
+
+
 def loss_fn(params, cfg: GPT2Config, text, target, lengths):
     """Mean next-token cross-entropy over the first `lengths[b]` positions of each row."""
-    logits = forward(params, cfg, text)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.sum(logp * jax.nn.one_hot(target, cfg.padded_vocab, dtype=logp.dtype), axis=-1)
+    nll = _cross_entropy(forward(params, cfg, text), target)
     valid = (jnp.arange(text.shape[1])[None] < lengths[:, None]).astype(nll.dtype)
     return jnp.sum(nll * valid) / jnp.maximum(jnp.sum(valid), 1.0)
 

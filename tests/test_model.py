@@ -1,6 +1,6 @@
 """model: the parts of GPT-2 that IREE's GPU path got wrong at the 124M shape,
 each compiled alone for the Metal build's kernels and run on Vulkan against
-JAX; and the gradient model.py defines for int8 weights."""
+JAX; and the gradients model.py defines itself: for int8 weights, and the loss's."""
 
 import jax
 import jax.numpy as jnp
@@ -103,3 +103,17 @@ def test_an_int8_product_passes_back_the_gradient_of_its_dequantized_weight():
     _, int8_vjp = jax.vjp(lambda x: model._int8_times(x, w, scale), x)
     _, float_vjp = jax.vjp(lambda x: jnp.einsum("...e,fe->...f", x, w.astype(np.float32) * scale[:, None]), x)
     np.testing.assert_allclose(int8_vjp(upstream)[0], float_vjp(upstream)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_the_loss_and_its_hand_written_gradient_are_those_of_log_softmax():
+    # Masked (padded) vocabulary ids included: their logits are NEG_INF.
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal((2, 5, 40)).astype(np.float32) * 4
+    logits[..., 33:] = model.NEG_INF
+    target = rng.integers(0, 33, (2, 5)).astype(np.int32)
+    one_hot = np.eye(40, dtype=np.float32)[target]
+    upstream = rng.standard_normal((2, 5)).astype(np.float32)
+    loss, vjp = jax.vjp(lambda z: model._cross_entropy(z, target), logits)
+    expected, expected_vjp = jax.vjp(lambda z: -jnp.sum(jax.nn.log_softmax(z) * one_hot, axis=-1), logits)
+    np.testing.assert_allclose(loss, expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(vjp(upstream)[0], expected_vjp(upstream)[0], rtol=1e-5, atol=1e-7)
