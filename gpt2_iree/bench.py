@@ -43,7 +43,6 @@ implementation on this memory beats.
 
 from __future__ import annotations
 
-import resource
 import statistics
 import time
 from pathlib import Path
@@ -84,20 +83,11 @@ def measure_bandwidth_gbs(megabytes: int = 256, repeats: int = 7) -> float:
     return 2 * src.nbytes / statistics.median(times) / 1e9
 
 
-def _resident_bytes() -> int:
-    """This process's resident memory now (Linux); elsewhere its peak, which
-    grows whenever a run takes memory beyond all it held before."""
-    statm = Path("/proc/self/statm")
-    if statm.exists():
-        return int(statm.read_text().split()[1]) * resource.getpagesize()
-    return int(peak_memory.own_peak_mb() * 2**20)
-
-
 def _growth_of(run) -> int:
     """The bytes that one call of `run` left the process holding beyond what it held before."""
-    before = _resident_bytes()
+    before = peak_memory.resident_bytes()
     run()
-    return _resident_bytes() - before
+    return peak_memory.resident_bytes() - before
 
 
 def _paired_medians(*runs, repeats: int, warmup: int) -> tuple[float, ...]:

@@ -68,6 +68,15 @@ def own_peak_mb() -> float:
     return peak / 2**20 if platform.system() == "Darwin" else peak / 2**10  # bytes on macOS, KiB elsewhere
 
 
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux); elsewhere its peak, which
+    grows whenever the process takes memory beyond all it held before."""
+    statm = Path("/proc/self/statm")
+    if statm.exists():
+        return int(statm.read_text().split()[1]) * resource.getpagesize()
+    return int(own_peak_mb() * 2**20)
+
+
 def measure(build_dir: Path, device: str, what: str) -> float:
     """Peak RSS in MB of a fresh process doing `what` (one of MEASURES) on the build."""
     if what not in MEASURES:

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from gpt2_iree import archive
+from gpt2_iree import archive, model
 from gpt2_iree.archive import ArchiveError
 from gpt2_iree.devices import available_devices
 from gpt2_iree.module import DEFAULT_BUILD_DIR, BuildError, Module, reuse_freed_memory
@@ -175,7 +175,7 @@ def test_seed_empties_a_row_s_kv_cache(tiny_build, tiny_lora_build):
         assert np.abs(module.get_state()["k.0"][0, :64]).min() > 0
         module.seed(np.array([3]), np.array([1]))
         state = module.get_state()
-        assert not any(state[f"{kv}.{i}"].any() for i in range(module.manifest["config"]["n_layer"]) for kv in "kv")
+        assert not any(state[name].any() for name in model.kv_names(model.GPT2Config(**module.manifest["config"])))
 
 
 @pytest.mark.skipif(platform.system() != "Linux", reason="reads /proc/self/maps")

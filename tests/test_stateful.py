@@ -1,13 +1,12 @@
 """stateful: JAX functions -> one IREE module, its parameters constant, state written by calls carried between them."""
 
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from gpt2_iree import archive, compiler, stateful, toolchain
+from gpt2_iree.peak_memory import resident_bytes
 from gpt2_iree.targets import get_target
 
 STATE = {
@@ -49,11 +48,6 @@ def test_parameters_no_call_writes_are_constant_and_state_written_by_calls_is_ke
     assert np.asarray(step().to_host()).tolist() == [2, 4, 6, 8]
 
 
-def _resident_mb() -> float:
-    status = Path("/proc/self/status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) / 2**10
-
-
 def test_state_given_as_a_shape_costs_no_memory_until_a_call_writes_it(tmp_path):
     # What keeps a process that only fine-tunes from paying for the KV cache:
     # uninitialised state is allocated, not written, so its pages stay untouched.
@@ -68,10 +62,10 @@ def test_state_given_as_a_shape_costs_no_memory_until_a_call_writes_it(tmp_path)
     text = stateful.build_module("m", state, ("params",), [write, read])
     assert "util.global private mutable @buf_rows : tensor<256x65536xf32>\n" in text
 
-    before = _resident_mb()
+    before = resident_bytes()
     module = _open(tmp_path, text, {"w": np.zeros(4)})
     module.write(np.int32(3), np.float32(2.5))
-    assert _resident_mb() - before < 32
+    assert resident_bytes() - before < 32 << 20
     assert np.asarray(module.read(np.int32(3)).to_host()).tolist() == [2.5] * 4
 
 
