@@ -157,9 +157,10 @@ class Module:
             except ValueError as err:  # IREE's verifier: a truncated or corrupt module
                 raise BuildError(f"{vmfb} is not a loadable IREE module ({first_line(err)}); "
                                  f"rebuild it with `doit targets={self.target}`") from None
+            # SystemContext puts the Config's HAL module first, before the
+            # parameters module that imports it.
             modules = [
                 rt.create_io_parameters_module(config.vm_instance, index.create_provider(scope=PARAMETER_SCOPE)),
-                rt.create_hal_module(config.vm_instance, config.device),
                 compiled,
             ]
             try:

@@ -31,7 +31,6 @@ def _open(tmp_path, text: str, params: dict):
     config = rt.Config("local-task")
     context = rt.SystemContext(config=config, vm_modules=[
         rt.create_io_parameters_module(config.vm_instance, index.create_provider(scope="model")),
-        rt.create_hal_module(config.vm_instance, config.device),
         rt.VmModule.mmap(config.vm_instance, str(tmp_path / "m.vmfb"))])
     return context.modules.m
 
