@@ -37,8 +37,11 @@ with float16 ones XLA upcasts every weight in every call and is 7x slower.
 
 A decode step of batch 1 must read every weight once, and late in the
 context the K/V cache up to its position too: the floors are those bytes at
-this machine's memory bandwidth (`measure_bandwidth_gbs`), which no
-implementation on this memory beats.
+this machine's memory bandwidth as one thread's copy reads it
+(`measure_bandwidth_gbs`). They are a reference line, not a wall: a pure
+read on every core goes faster (on the 2-vCPU Intel Xeon of
+docs/PERFORMANCE.md, a copy 23-25 GB/s, two threads' sums 29, llama.cpp's
+float16 decode 33), and a CPU whose cache holds part of the weights too.
 """
 
 from __future__ import annotations
