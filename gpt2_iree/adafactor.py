@@ -21,6 +21,9 @@ needs to (GPT-2 124M on 2 cores: 405 vs 190 ms per update), for two reasons:
   computes what it needs from `g`: the clipping RMS as Σ_i c_i² Σ_j (g_ij r_j)²,
   the update as g·(c ⊗ r), and the two statistics from g·g and |g|·|g|, which
   are equal but are not merged into one stored tensor.
+* A mean over axis 0 (down the columns) runs with each thread reading a strip
+  of columns from every row: `wte`'s 154 MB at 7 GB/s. Here it sums blocks of
+  COLUMN_BLOCK rows first, then the blocks' sums: 16 GB/s.
 
 Sums come out in a different order than optax's, so results agree to rounding.
 """
@@ -36,6 +39,7 @@ DECAY_EXPONENT = 0.8
 EPS = 1e-30
 MIN_DIM_TO_FACTOR = 128
 MIN_PARAM_RMS = 1e-3
+COLUMN_BLOCK = 16
 
 
 def adafactor() -> optax.GradientTransformation:
@@ -64,6 +68,15 @@ def _mean_square(x):
     return jnp.sum(jnp.sum(x * x, axis=1)) / x.size
 
 
+def _column_sums(x):
+    """x's sums over axis 0: by blocks of COLUMN_BLOCK rows, then over the
+    blocks, where the rows divide into them (see the module doc)."""
+    rows = x.shape[0]
+    if rows % COLUMN_BLOCK:
+        return jnp.sum(x, axis=0)
+    return jnp.sum(jnp.sum(x.reshape(rows // COLUMN_BLOCK, COLUMN_BLOCK, -1), axis=1), axis=0)
+
+
 def _update(grads, state, params):
     factored_state = state[0]
     t = jnp.asarray(factored_state.count + 1, jnp.float32)
@@ -79,7 +92,7 @@ def _update(grads, state, params):
         else:
             # The statistic indexed by axis 0 (mean over axis 1) and by axis 1.
             by_axis0 = jnp.mean(g * g + EPS, axis=1)
-            by_axis1 = jnp.mean(jnp.abs(g) * jnp.abs(g) + EPS, axis=0)
+            by_axis1 = _column_sums(jnp.abs(g) * jnp.abs(g) + EPS) / g.shape[0]
             row_stat, col_stat = (by_axis0, by_axis1) if row_axis == 0 else (by_axis1, by_axis0)
             v_row = decay * v_row + (1.0 - decay) * row_stat
             v_col = decay * v_col + (1.0 - decay) * col_stat
