@@ -307,11 +307,7 @@ def forward(params, cfg: GPT2Config, tokens, kv: dict | None = None, cache_dtype
         k, v = (_rounded(t, cache_dtype) for t in (k, v))
         if kv is not None:
             kv[f"k.{i}"], kv[f"v.{i}"] = k, v
-        # A no-op for the values. Without it IREE 3.13 writes the gradient of
-        # the attention's output transposed, (E, T), in the matmul that makes
-        # it, which then ran at 39 GFLOP/s (46 ms of a 124M step). Not in
-        # prefill and decode, whose modules it slows by a tenth.
-        return jax.lax.optimization_barrier(_attend(q, k, v, causal))
+        return _attend(q, k, v, causal)
 
     x = _embed(params, tokens, jnp.arange(T)[None])
     for i in range(cfg.n_layer):
