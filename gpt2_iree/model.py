@@ -215,9 +215,39 @@ def _linear(params, name, x):
     else:
         y = jnp.einsum("...e,fe->...f", x, params[name])
     if name + LORA_A in params:
-        y = y + jnp.einsum("...r,fr->...f", jnp.einsum("...e,re->...r", x, params[name + LORA_A]),
-                           params[name + LORA_B])
+        y = y + _lora_up(jnp.einsum("...e,re->...r", x, params[name + LORA_A]), params[name + LORA_B])
     return y
+
+
+# Outputs per block in the gradient through a LoRA adapter's B (_lora_up).
+LORA_GRAD_BLOCK = 768
+
+
+@jax.custom_vjp
+def _lora_up(u, b):
+    """u (..., rank) times adapter B (out, rank), transposed: (..., out)."""
+    return jnp.einsum("...r,fr->...f", u, b)
+
+
+def _lora_up_forward(u, b):
+    return _lora_up(u, b), (u, b)
+
+
+def _lora_up_backward(saved, grad):
+    # The gradient for u sums all `out` outputs into `rank` values. As one
+    # product IREE 3.13 splits that long, narrow reduction into 128 pieces:
+    # 1.25 ms a layer for q/k/v (2304 x 8), 15 ms of a 124M LoRA step. Summed
+    # by blocks of LORA_GRAD_BLOCK outputs, then over the blocks: 0.11 ms.
+    u, b = saved
+    out, rank = b.shape
+    blocks = out // LORA_GRAD_BLOCK if out % LORA_GRAD_BLOCK == 0 else 1
+    by_block = jnp.einsum("...ck,ckr->c...r", grad.reshape(*grad.shape[:-1], blocks, out // blocks),
+                          b.reshape(blocks, out // blocks, rank))
+    grad_b = jnp.einsum("tf,tr->fr", grad.reshape(-1, out), u.reshape(-1, rank))
+    return by_block.sum(0), grad_b
+
+
+_lora_up.defvjp(_lora_up_forward, _lora_up_backward)
 
 
 def _block(params, i, cfg, x, attend):

@@ -117,3 +117,18 @@ def test_the_loss_and_its_hand_written_gradient_are_those_of_log_softmax():
     expected, expected_vjp = jax.vjp(lambda z: -jnp.sum(jax.nn.log_softmax(z) * one_hot, axis=-1), logits)
     np.testing.assert_allclose(loss, expected, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(vjp(upstream)[0], expected_vjp(upstream)[0], rtol=1e-5, atol=1e-7)
+
+
+def test_lora_adapter_gradient_by_blocks_equals_autodiff():
+    # _lora_up's backward sums the gradient for x A^T by blocks of outputs
+    # (IREE splits the one long product into 128 slow pieces); the values must
+    # be autodiff's of the plain product, with blocks (2304 outputs) and without (700).
+    rng = np.random.default_rng(0)
+    for out in (3 * model.LORA_GRAD_BLOCK, 700):
+        u = rng.standard_normal((2, 5, 8)).astype(np.float32)
+        b = rng.standard_normal((out, 8)).astype(np.float32)
+        weights = rng.standard_normal((2, 5, out)).astype(np.float32)
+        ours = jax.grad(lambda u, b: jnp.sum(model._lora_up(u, b) * weights), argnums=(0, 1))(u, b)
+        plain = jax.grad(lambda u, b: jnp.sum(jnp.einsum("...r,fr->...f", u, b) * weights), argnums=(0, 1))(u, b)
+        for got, want in zip(ours, plain):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
