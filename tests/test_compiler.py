@@ -1,5 +1,9 @@
 """iree-compile as the compile stage runs it: atomic output, a log, a clear failure."""
 
+import os
+import sys
+from pathlib import Path
+
 import pytest
 
 from gpt2_iree import compiler, toolchain
@@ -33,9 +37,7 @@ open(sys.argv[sys.argv.index("-o") + 1], "wb").write(b"module")
 '''
 
 
-def standin_compiler(tmp_path, script: str) -> tuple[str, "Path"]:
-    import sys
-
+def standin_compiler(tmp_path, script: str) -> tuple[str, Path]:
     runs = tmp_path / "runs.txt"
     path = tmp_path / "iree-compile"
     path.write_text(STANDIN.format(python=sys.executable, runs=str(runs), script=script))
@@ -51,8 +53,6 @@ def compile_with(compiler_path: str, tmp_path, stall_s: float):
 
 
 def is_running(pid: int) -> bool:
-    import os
-
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
