@@ -23,8 +23,8 @@ LOG_TAIL_LINES = 40
 # spec (the cpu target's on Intel and AVX2 CPUs, targets.py): a worker thread
 # parses the spec under IREECodegenDialect's library lock, the parser verifies
 # it on the thread pool, and while it waits the worker takes another
-# executable's task, which wants the same lock (gdb on a hung compile, 4
-# times in this project's runs). Every thread then waits and no CPU is used;
+# executable's task, which wants the same lock (gdb on one hung compile of
+# five seen in this project's runs). Every thread then waits, no CPU is used;
 # it happens early, and a rerun goes through. A compile whose CPU time, its
 # children's included, stands still this long is stopped and run once more:
 # a working compile never idles this long.
