@@ -32,8 +32,12 @@ def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     # Created exclusively, with the mode the umask gives (mkstemp's would be 0600).
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    mode = tmp.stat().st_mode & 0o777
     try:
         write(tmp)
+        # A writer that makes the file anew keeps that mode too (safetensors'
+        # save_file creates it 0600).
+        os.chmod(tmp, mode)
         _fsync(tmp)
         os.replace(tmp, path)
         _fsync(path.parent)

@@ -2,6 +2,7 @@
 
 import threading
 
+import numpy as np
 import pytest
 
 from gpt2_iree.files import replace_atomically, write_text
@@ -49,9 +50,15 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
 def test_a_replaced_file_has_the_mode_the_umask_gives(tmp_path):
     import os
 
+    from safetensors.numpy import save_file
+
     old = os.umask(0o022)
     try:
         write_text(tmp_path / "manifest.json", "{}")
+        # save_file makes its file anew, owner-only: the user's umask still wins.
+        replace_atomically(tmp_path / "adapter_model.safetensors",
+                           lambda tmp: save_file({"w": np.zeros(2, np.float32)}, str(tmp)))
     finally:
         os.umask(old)
     assert (tmp_path / "manifest.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o644
