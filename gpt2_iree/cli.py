@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -155,7 +156,7 @@ def cmd_finetune(args) -> None:
     resumed = checkpoint.load(args.resume, read_manifest(args.build_dir)) if args.resume else None
     session = _session(args, resumed.params if resumed else args.params)
     trained = session.module  # opened, and any fault in it found, before the corpus is read
-    corpus = session.corpus(files, [args.text] if args.text else [])
+    corpus = session.corpus(files, args.text or [])
     train, val = corpora.split(len(corpus), args.val_fraction, args.seed)
     steps_per_epoch = -(-len(train) // session.batch)
     plan = finetuning.Plan(steps=args.steps or args.epochs * steps_per_epoch, learning_rate=args.lr,
@@ -315,7 +316,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", parents=[common], help="fine-tune on text in the module, then compare")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--text", help="one text to fine-tune on")
+    source.add_argument("--text", action="append", help="a text to fine-tune on; repeat for more (each is a document)")
     source.add_argument("--text-file", type=Path, action="append",
                         help="a text file, or a directory of .txt files; repeat for more (each file is a document)")
     length = p.add_mutually_exclusive_group()
@@ -332,7 +333,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-dir", type=Path, help="save checkpoints here, and on SIGINT/SIGTERM")
     p.add_argument("--save-every", type=_positive_int, help="steps between checkpoints (default: at the end)")
     p.add_argument("--resume", type=Path, help="go on from the checkpoint in this directory")
-    p.add_argument("--prompt", help="prompt for the before/after completions (default: the text's first half)")
+    p.add_argument("--prompt", help="prompt for the before/after completions (default: the first document's first half)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=32)
     p.add_argument("--params", type=Path, help="start from these weights (.irpa)")
     p.add_argument("--out", type=Path, help="save the fine-tuned weights as .irpa")
@@ -366,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C outside a run's steps (loading, generating): nothing to keep
         print(f"gpt2-iree {args.command}: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
+    except BrokenPipeError:  # the reader left (`| head`): as a shell tool ends, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exit's flush fails no more
+        return 128 + signal.SIGPIPE
     except (Gpt2IreeError, ValueError, OSError) as err:  # OSError: a path, named in its message
         print(f"gpt2-iree {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -62,7 +62,8 @@ def _dump(path: Path) -> str:
     proc = subprocess.run([tool, str(path)], capture_output=True, text=True, errors="replace")
     if proc.returncode != 0 or "Exported Functions:" not in proc.stdout:
         reason = (proc.stderr.strip().splitlines() or ["no module found"])[-1]
-        raise InspectError(f"{path} is not an IREE module (.vmfb): iree-dump-module says: {reason}")
+        raise InspectError(f"{path} is not an IREE module (.vmfb), and a parameter archive is named .irpa: "
+                           f"iree-dump-module says: {reason}")
     return proc.stdout
 
 
@@ -119,7 +120,7 @@ def _bytecode(dump: str, rodata: dict[int, bytes]) -> tuple[dict[str, int], set[
 
 def inspect_vmfb(path: Path) -> dict:
     """What a compiled module holds; see the module docstring for each field."""
-    path = _check_file(path, "an IREE module (.vmfb)")
+    path = _check_file(path, "an IREE module (.vmfb) or a parameter archive (.irpa)")
     dump = _dump(path)
     functions = _functions(dump)
     rodata = _rodata(dump)

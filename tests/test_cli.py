@@ -1,6 +1,7 @@
 """`gpt2-iree` as a user runs it, on the tiny model: every command and every bad input."""
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -152,6 +153,7 @@ def test_bench_writes_json_and_png(tiny_build, tmp_path, capsys):
     (["generate"], "give --prompt TEXT (repeatable), --prompts-file FILE or --interactive"),
     (["generate", "--prompt", "Hi", "--device", "metal"], "device 'metal' is not available here"),
     (["finetune", "--text", "  "], "text 1 is empty"),
+    (["finetune", "--text", SENTENCE, "--text", "  "], "text 2 is empty"),  # each --text is read
     (["finetune", "--text-file", "/nonexistent/texts.txt"], "--text-file /nonexistent/texts.txt: no such file"),
     (["finetune", "--text", "x" * 300, "--steps", "10", "--warmup-steps", "10"],
      "--warmup-steps 10 is out of range for a run of 10 steps; valid: 0 to 9"),
@@ -175,6 +177,19 @@ def test_inspect_of_a_non_module_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "junk.vmfb").write_bytes(b"junk")
     assert main(["inspect", str(tmp_path / "junk.vmfb")]) == 2
     assert "junk.vmfb" in capsys.readouterr().err
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly(tiny_build):
+    # `gpt2-iree inspect X.vmfb | head`: a pipe whose reader has gone.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, "-m", "gpt2_iree.cli", "inspect", str(tiny_build / "gpt2-cpu.vmfb")],
+                                stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=600)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 128 + signal.SIGPIPE
+    assert result.stderr == ""
 
 
 def test_every_command_runs_on_vulkan(tiny_vulkan_build, tmp_path):
