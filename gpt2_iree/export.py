@@ -260,7 +260,7 @@ BASE_ARCHIVE = "base.irpa"
 
 def export_build(out_dir: Path, name: str, cfg: model.GPT2Config, params: dict, shapes: model.Shapes,
                  optimizer: str, weights: str, tokenizer: Path | None, tuning: lora.Lora | None = None,
-                 weights_format: str = "float16") -> None:
+                 weights_format: str = "float16", doit_vars: str = "") -> None:
     """Write the build directory's inputs into `out_dir`: gpt2.mlir, gpt2.irpa
     (what finetune trains), tokenizer.json and manifest.json; and
     gpt2-generate.mlir and its weights in `weights_format` (gpt2-generate.irpa), or with
@@ -306,14 +306,19 @@ def export_build(out_dir: Path, name: str, cfg: model.GPT2Config, params: dict, 
         "state": state_names(cfg, shapes),
         "irpa_sha256": sha256_file(out_dir / "gpt2.irpa"),
         "tokenizer": "tokenizer.json" if tokenizer else None,
+        # The doit vars that built this directory (but targets): what a hint
+        # to build a missing module prints, so that it builds this model.
+        "doit_vars": doit_vars,
     })
 
 
 def build(out_dir: Path, name: str, model_dir: Path | None, weights: str, shape: dict | None,
-          shapes: dict, optimizer: str, tuning: dict | None = None, weights_format: str = "float16") -> None:
+          shapes: dict, optimizer: str, tuning: dict | None = None, weights_format: str = "float16",
+          doit_vars: str = "") -> None:
     """The export stage: load the model and write the build directory's inputs.
     `tuning` is None to train every weight, or LoRA's rank, alpha and targets;
-    `weights_format` is the generation module's (generate_weights.FORMATS)."""
+    `weights_format` is the generation module's (generate_weights.FORMATS);
+    `doit_vars` the vars that configured the build (tasks.config.BuildConfig.doit_vars)."""
     cfg, params = load_model(model_dir, weights, shape)
     for var in ("context", "seq_len"):
         if shapes[var] > cfg.n_positions:
@@ -321,4 +326,4 @@ def build(out_dir: Path, name: str, model_dir: Path | None, weights: str, shape:
     tokenizer = Path(model_dir) / "tokenizer.json" if model_dir else None
     export_build(Path(out_dir), name, cfg, params, model.Shapes(**shapes), optimizer, weights, tokenizer,
                  lora.Lora(tuning["rank"], tuning["alpha"], tuple(tuning["targets"])) if tuning else None,
-                 weights_format)
+                 weights_format, doit_vars)

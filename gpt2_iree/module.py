@@ -120,7 +120,7 @@ class Module:
         self.target = target or DRIVER_TARGETS[device]
         vmfb = self._vmfb(self.target)
         if not vmfb.is_file():
-            raise BuildError(f"{vmfb} is missing; build it with `doit targets={self.target}`")
+            raise BuildError(f"{vmfb} is missing; build it with `{self._doit(self.target)}`")
         self.device = device
         if device.startswith("local"):
             reuse_freed_memory()
@@ -156,7 +156,7 @@ class Module:
                 compiled = rt.VmModule.mmap(config.vm_instance, str(vmfb))
             except ValueError as err:  # IREE's verifier: a truncated or corrupt module
                 raise BuildError(f"{vmfb} is not a loadable IREE module ({first_line(err)}); "
-                                 f"rebuild it with `doit targets={self.target}`") from None
+                                 f"rebuild it with `{self._doit(self.target)}`") from None
             # SystemContext puts the Config's HAL module first, before the
             # parameters module that imports it.
             modules = [
@@ -170,6 +170,10 @@ class Module:
                 if attempt == 2:
                     raise
                 print(f"gpt2-iree: {lost}; loading it once more, on a new device", file=sys.stderr)
+
+    def _doit(self, target: str) -> str:
+        """The doit command that builds `target`'s module into this build directory."""
+        return " ".join(filter(None, ("doit", self.manifest.get("doit_vars"), f"targets={target}")))
 
     def _vmfb(self, target: str) -> Path:
         return self.build_dir / vmfb_name(target, self.generation)

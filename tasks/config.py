@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import importlib.metadata
 import json
+import shlex
 from pathlib import Path
 
 from doit import doit_cmd
@@ -120,10 +121,7 @@ class BuildConfig:
         never taken for the wheels', so switching back and forth finds both up to date."""
         key = f"{self.weights}-b{self.batch}-k{self.prompt_len}-c{self.context}-s{self.seq_len}-{self.optimizer}"
         if self.lora:
-            alpha = self.lora["alpha"]
-            # Short where that is exact (a16, a0.5), never two alphas under one key.
-            alpha = f"{alpha:g}" if float(f"{alpha:g}") == alpha else repr(alpha)
-            key += f"-lora-r{self.lora['rank']}-a{alpha}-{'+'.join(self.lora['targets'])}"
+            key += f"-lora-r{self.lora['rank']}-a{_exact(self.lora['alpha'])}-{'+'.join(self.lora['targets'])}"
         if self.generate_weights != "float16":
             key += f"-gen-{self.generate_weights}"
         return key if self.toolchain == "wheel" else f"{key}-{self.toolchain}"
@@ -147,6 +145,26 @@ class BuildConfig:
 
     def shapes(self) -> dict:
         return {"batch": self.batch, "prompt_len": self.prompt_len, "context": self.context, "seq_len": self.seq_len}
+
+    def doit_vars(self) -> str:
+        """The vars, but `targets`, that give this configuration again, the
+        defaults left out: `doit <these> targets=...` builds into this build_dir.
+        (The manifest keeps them, for the runtime's "build it with" hints.)"""
+        values = {"model": self.model, "weights": self.weights, **self.shapes(), "optimizer": self.optimizer,
+                  "generate_weights": self.generate_weights, "toolchain": self.toolchain,
+                  "iree_repo": self.iree_repo, "iree_ref": self.iree_ref}
+        if self.lora:
+            values |= {"tuning": "lora", "lora_rank": self.lora["rank"], "lora_alpha": _exact(self.lora["alpha"]),
+                       "lora_targets": ",".join(self.lora["targets"])}
+        return " ".join(f"{name}={shlex.quote(str(value))}" for name, value in values.items()
+                        if value is not None and str(value) != VARS[name][0])
+
+
+def _exact(number: float) -> str:
+    """`number` written short where that is exact (16, 0.5), else in full:
+    never two values under one build key or var."""
+    short = f"{number:g}"
+    return short if float(short) == number else repr(number)
 
 
 def _positive_int(name: str, text: str, maximum: int | None = None, bounded_by: str = "") -> int:

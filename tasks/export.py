@@ -33,7 +33,7 @@ def task_export():
         "actions": [call_with_toolchain(cfg.toolchain_json, ENTRY, cfg.build_dir, cfg.model,
                                         cfg.model_dir if cfg.needs_assets else None, cfg.weights,
                                         cfg.hub.shape() if cfg.hub else None, cfg.shapes(), cfg.optimizer, cfg.lora,
-                                        cfg.generate_weights)],
+                                        cfg.generate_weights, cfg.doit_vars())],
         "file_dep": [*SOURCES, cfg.toolchain_json, *([cfg.assets_lock] if cfg.needs_assets else [])],
         "targets": [cfg.build_dir / f for f in written],
         "uptodate": [config_changed({"model": cfg.model, "revision": cfg.hub and cfg.hub.revision,

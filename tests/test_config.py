@@ -1,6 +1,7 @@
 """Config validation: every bad var fails with the value and the valid choices."""
 
 import re
+import shlex
 
 import pytest
 
@@ -23,6 +24,17 @@ def test_every_setting_keys_the_build_dir():
                        ("generate_weights", "int8")]:
         assert parse_config({"model": "tiny", var: value}).build_dir != base.build_dir, var
     assert parse_config({"model": "tiny", "targets": "cpu"}).build_dir == base.build_dir
+
+
+@pytest.mark.parametrize("raw", [{}, {"model": "tiny", "tuning": "lora", "lora_alpha": "0.123456789", "batch": "2"},
+                                 {"model": "gpt2-medium", "weights": "random", "generate_weights": "int8",
+                                  "optimizer": "sgd", "prompt_len": "8", "context": "256", "seq_len": "64"}])
+def test_doit_vars_give_the_configuration_again(raw):
+    # What the runtime's "build it with `doit ...`" hints print: the same build_dir, whatever the targets.
+    cfg = parse_config(raw | {"targets": "cpu"})
+    again = parse_config(dict(var.split("=", 1) for var in shlex.split(cfg.doit_vars())) | {"targets": "vulkan"})
+    assert again.build_dir == cfg.build_dir and again.lora == cfg.lora
+    assert "targets=" not in cfg.doit_vars()
 
 
 @pytest.mark.parametrize("var, value, named, expected", [

@@ -6,6 +6,8 @@ stages downstream of it, `doit clean` leaves nothing behind.
 """
 
 import json
+import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -70,8 +72,14 @@ def test_second_run_is_all_up_to_date():
     assert ran(results) == set(), results
 
 
-def test_a_new_target_compiles_only_that_target():
-    code, results, _ = doit("model=tiny", "targets=cpu,metal,vulkan,ios")
+def test_a_new_target_compiles_only_that_target_by_the_command_the_runtime_names():
+    from gpt2_iree.module import BuildError, Module
+
+    with pytest.raises(BuildError, match="gpt2-ios.vmfb is missing") as missing:
+        Module(BUILD, device="local-task", target="ios")
+    command = re.search(r"build it with `doit (.*)`", str(missing.value)).group(1)
+    assert "model=tiny" in command  # not the default model, which would download GPT-2
+    code, results, _ = doit(*shlex.split(command))
     assert code == 0
     assert ran(results) == {"compile:ios", "verify:ios"}
 
