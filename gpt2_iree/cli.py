@@ -292,7 +292,8 @@ def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--build-dir", type=Path, default=DEFAULT_BUILD_DIR,
                         help=f"a build directory made by doit (default: {DEFAULT_BUILD_DIR})")
-    common.add_argument("--device", help="local-task (CPU), metal, vulkan, cuda (default: the best available)")
+    common.add_argument("--device", help="local-task (CPU), local-sync (CPU, one thread), metal, vulkan, cuda "
+                                          "(default: the best available)")
 
     top = argparse.ArgumentParser(prog="gpt2-iree", description=__doc__.splitlines()[0])
     sub = top.add_subparsers(dest="command", required=True)

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -73,8 +74,13 @@ _TRANSIENT_EXCEPTIONS = (
 
 
 def hub_endpoint(override: str | None = None) -> str:
-    """Return the Hub base URL: ``override``, else $GPT2_IREE_HF_ENDPOINT, else huggingface.co."""
+    """Return the Hub base URL: ``override``, else $GPT2_IREE_HF_ENDPOINT, else
+    huggingface.co; refused, naming where it came from, unless it is an http(s) URL."""
     endpoint = override or os.environ.get(HF_ENDPOINT_ENV) or DEFAULT_HF_ENDPOINT
+    parts = urllib.parse.urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        given = "hf_endpoint" if override else HF_ENDPOINT_ENV
+        raise DownloadError(f"{given}={endpoint!r} is not an http(s) URL; e.g. https://hf-mirror.com")
     return endpoint.rstrip("/")
 
 

@@ -179,6 +179,11 @@ def test_hub_endpoint_precedence(monkeypatch):
     monkeypatch.setenv(download.HF_ENDPOINT_ENV, "https://mirror.example/")
     assert download.hub_endpoint() == "https://mirror.example"
     assert download.hub_endpoint("http://override.example/") == "http://override.example"
+    with pytest.raises(download.DownloadError, match="hf_endpoint='notaurl' is not an http\\(s\\) URL"):
+        download.hub_endpoint("notaurl")
+    monkeypatch.setenv("GPT2_IREE_HF_ENDPOINT", "mirror.example")
+    with pytest.raises(download.DownloadError, match="GPT2_IREE_HF_ENDPOINT='mirror.example' is not an http"):
+        download.hub_endpoint()
 
 
 def test_unreachable_endpoint_names_url_and_mirror_variable(tmp_path):
