@@ -76,6 +76,11 @@ def to_numpy(device, result) -> np.ndarray:
     return np.array(staging.map().asarray(shape, np.dtype(dtype)), copy=True)
 
 
+def byte_sizes(layout: dict) -> dict[str, int]:
+    """name -> bytes of each tensor of `layout` (name -> (shape, dtype))."""
+    return {name: int(np.prod(shape)) * np.dtype(dtype).itemsize for name, (shape, dtype) in layout.items()}
+
+
 def page_aligned_arena(sizes: dict[str, int]) -> tuple[np.ndarray, dict[str, int]]:
     """A zeroed uint8 array starting on a page, a whole number of pages long,
     and the offset in it of each of `sizes`' entries, each on a page."""
@@ -99,7 +104,7 @@ def index_of_weights(layout: dict[str, tuple[tuple[int, ...], np.dtype]], make) 
     """
     import iree.runtime as rt
 
-    nbytes = {name: int(np.prod(shape)) * np.dtype(dtype).itemsize for name, (shape, dtype) in layout.items()}
+    nbytes = byte_sizes(layout)
     arena, offsets = page_aligned_arena(nbytes)
     placed = {}
     for name, (shape, dtype) in layout.items():

@@ -130,7 +130,7 @@ class Module:
         else:
             self.params_path = None
             self._check_sizes({k: v.nbytes if v.dtype == np.float32 else -1 for k, v in weights.items()},
-                              _byte_sizes(self.manifest["params"], np.float32), "the weights given do")
+                              _float32_sizes(self.manifest["params"]), "the weights given do")
             shapes = dict(self.manifest["params"])
             index, self._weights = self._index_of({name: w.reshape(shapes[name]) for name, w in weights.items()})
 
@@ -192,7 +192,7 @@ class Module:
         if self.generation and given:
             weights = ArchiveArrays(path, dict(self.manifest["params"]))
             self._check_sizes({key: length for key, (_, length) in weights.spans.items()},
-                              _byte_sizes(self.manifest["params"], np.float32), f"{path} does")
+                              _float32_sizes(self.manifest["params"]), f"{path} does")
             return self._index_of(weights)
         # (archive, its byte sizes, whether an entry writes its parameters):
         # the whole module's finetune and set_params write `params`.
@@ -200,7 +200,7 @@ class Module:
             generate = self.manifest["generate"]
             archives = [(self.build_dir / generate["archive"], _stored_sizes(generate, self.manifest["params"]), False)]
         else:
-            archives = [(path, _byte_sizes(self.manifest["params"], np.float32), True)]
+            archives = [(path, _float32_sizes(self.manifest["params"]), True)]
         if "base" in self.manifest:
             base = self.manifest["base"]
             archives.append((self.build_dir / base["archive"], _stored_sizes(base, base["params"]), False))
@@ -334,17 +334,16 @@ class Module:
         return {name: self._host(v) for name, v in zip(self.manifest["state"], values, strict=True)}
 
 
-def _byte_sizes(layout: list, dtype) -> dict[str, int]:
-    """name -> bytes of each [name, shape] of a manifest's layout, stored as `dtype`."""
-    return {name: np.dtype(dtype).itemsize * int(np.prod(shape)) for name, shape in layout}
+def _float32_sizes(params: list) -> dict[str, int]:
+    """name -> bytes of each [name, shape] of a manifest's float32 weights."""
+    return device_memory.byte_sizes({name: (shape, np.float32) for name, shape in params})
 
 
 def _stored_sizes(stored: dict, params: list) -> dict[str, int]:
     """name -> bytes of each entry of the archive a manifest's `stored` entry
     (its "generate" or "base") names: `params` ([name, shape] of the float32
     weights) in its weights_dtype."""
-    layout = generate_weights.layout(dict(params), stored["weights_dtype"])
-    return {name: dtype.itemsize * int(np.prod(shape)) for name, (shape, dtype) in layout.items()}
+    return device_memory.byte_sizes(generate_weights.layout(dict(params), stored["weights_dtype"]))
 
 
 def _int32(*arrays) -> list[np.ndarray]:
