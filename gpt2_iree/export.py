@@ -1,13 +1,15 @@
 """GPT-2 as stateful IREE modules: the entry points and the files they make.
 
 The module `@gpt2` (gpt2.mlir) exports, with SAMPLING = temperature[B] f32,
-top_k[B] i32, top_p[B] f32 (one setting per row; temperature 0 is greedy):
-  prefill(chunk[B,K] i32, lengths[B] i32, starts[B] i32, SAMPLING) -> next token[B,1]
-      appends a chunk of each row's prompt to the KV cache at `starts`
-  decode_<W>(active[B] i32, SAMPLING) -> next token[B,1]   one step for the active
-      rows, attending over the first W cache slots; one entry per window W of
+top_k[B] i32, top_p[B] f32 (one setting per row; temperature 0 is greedy) and
+POSITIONS = B scalars i32, passed by value (each row's length: where its next
+K/V goes; the host keeps them, so that no call waits to read one back):
+  prefill(chunk[B,K] i32, lengths[B] i32, POSITIONS, SAMPLING) -> next token[B,1]
+      appends a chunk of each row's prompt to the KV cache at its position
+  decode_<W>(active[B] i32, POSITIONS, SAMPLING) -> next token[B,1]   one step for the
+      active rows, attending over the first W cache slots; one entry per window W of
       `Shapes.decode_windows`
-  decode_greedy_<W>(active[B] i32) -> next token[B,1]   the same step, greedy for
+  decode_greedy_<W>(active[B] i32, POSITIONS) -> next token[B,1]   the same step, greedy for
       every row and without the sampler (generation.Rows calls it when no
       active row samples); the generators stay as they were
   seed(seeds[B] i32, rows[B] i32)            restarts the generator of the rows flagged
@@ -110,26 +112,27 @@ def _generation(cfg: model.GPT2Config, shapes: model.Shapes, weights: tuple[str,
     groups)`: the weights as model.py takes them."""
     B, K = shapes.batch, shapes.prompt_len
     sampling = (jax.ShapeDtypeStruct((B,), jnp.float32), _i32(B), jax.ShapeDtypeStruct((B,), jnp.float32))
+    positions = tuple(stateful.Scalar() for _ in range(B))
     n = len(weights)
 
     def prefill(*args):
-        (cache, rng, chunk, lengths, starts, temperature, top_k, top_p) = args[n:]
-        new, token = model.prefill(network(*args[:n]), cfg, shapes, cache | rng, chunk, lengths, starts,
-                                   (temperature, top_k, top_p))
+        cache, rng, chunk, lengths, *rest = args[n:]
+        new, token = model.prefill(network(*args[:n]), cfg, shapes, cache | rng, chunk, lengths, rest[:B],
+                                   tuple(rest[B:]))
         return _split(new), token[:, None]
 
     def decoder(window: int):
         def decode(*args):
-            cache, rng, active, temperature, top_k, top_p = args[n:]
-            new, token = model.decode(network(*args[:n]), cfg, shapes, cache | rng, window, active,
-                                      (temperature, top_k, top_p))
+            cache, rng, active, *rest = args[n:]
+            new, token = model.decode(network(*args[:n]), cfg, shapes, cache | rng, window, active, rest[:B],
+                                      tuple(rest[B:]))
             return _split(new), token[:, None]
         return decode
 
     def greedy_decoder(window: int):
         def decode(*args):
-            cache, rng, active = args[n:]
-            new, token = model.decode(network(*args[:n]), cfg, shapes, cache | rng, window, active, None)
+            cache, rng, active, *positions = args[n:]
+            new, token = model.decode(network(*args[:n]), cfg, shapes, cache | rng, window, active, positions, None)
             return _split(new)[:1], token[:, None]
         return decode
 
@@ -138,17 +141,18 @@ def _generation(cfg: model.GPT2Config, shapes: model.Shapes, weights: tuple[str,
 
     state = (*weights, "cache", "rng")
     table = {
-        "prefill": stateful.Entry("prefill", prefill, (_i32(B, K), _i32(B), _i32(B), *sampling),
+        "prefill": stateful.Entry("prefill", prefill, (_i32(B, K), _i32(B), *positions, *sampling),
                                   reads=state, writes=("cache", "rng")),
         "seed": stateful.Entry("seed", seed, (_i32(B), _i32(B)), reads=("cache", "rng"), writes=("cache", "rng")),
         "get_state": stateful.Entry("get_state", lambda cache, rng: ((), (cache, rng)), reads=("cache", "rng")),
     }
     for window in shapes.decode_windows:
         name = decode_function(window)
-        table[name] = stateful.Entry(name, decoder(window), (_i32(B), *sampling), reads=state,
+        table[name] = stateful.Entry(name, decoder(window), (_i32(B), *positions, *sampling), reads=state,
                                      writes=("cache", "rng"))
         name = decode_function(window, greedy=True)
-        table[name] = stateful.Entry(name, greedy_decoder(window), (_i32(B),), reads=state, writes=("cache",))
+        table[name] = stateful.Entry(name, greedy_decoder(window), (_i32(B), *positions), reads=state,
+                                     writes=("cache",))
     return table
 
 

@@ -86,7 +86,8 @@ class Rows:
             active = np.zeros(self.batch, np.int32)
             active[list(decoding)] = 1
             greedy = all(self.settings[r].temperature == 0 for r in decoding)
-            tokens = self.module.decode(window, active, None if greedy else self._sampling())
+            positions = np.array([len(h) for h in self.history], np.int32)
+            tokens = self.module.decode(window, active, positions, None if greedy else self._sampling())
             for r in decoding:
                 self.history[r].append(self.pending[r])
                 self.pending[r] = int(tokens[r])

@@ -14,7 +14,10 @@ code; each avoids something IREE 3.13 rejects or runs slowly (see DESIGN.md):
   124M fine-tuning step).
 * The KV cache is written with one `dynamic_update_slice` per row, not under
   vmap (a batched scatter), nor as a one-hot `where` over the sequence axis,
-  which reads and writes the whole cache to add one position. A decode step
+  which reads and writes the whole cache to add one position. Where each row
+  is written comes from the host, one scalar per row (`stateful.Scalar`),
+  so that IREE records the copy without reading a position back from the
+  device in the middle of the call. A decode step
   attends over a static window of the cache (`decode(..., window)`, one entry
   point per window), so late steps read what they need and early ones less.
 * The loss picks the target's logit with a comparison against the token ids,
@@ -350,16 +353,15 @@ def forward(params, cfg: GPT2Config, tokens, kv: dict | None = None, cache_dtype
 
 def empty_cache(cfg: GPT2Config, shapes: Shapes, dtype=jnp.float32) -> dict[str, jax.Array]:
     """The decode state: per-layer K and V (B, cache_len, H, Q) in `dtype`; per
-    row the next write position, the last token, that step's logits (kept for
-    verification) and its random generator's key (threefry's two uint32
-    words, held as int32: IREE's globals are signless).
+    row the last token, that step's logits (kept for verification) and its
+    random generator's key (threefry's two uint32 words, held as int32:
+    IREE's globals are signless). Where each row is, the host keeps.
 
     A LoRA build keeps float16 K and V, as llama.cpp does by default: half
     the cache's memory (80 MB of float32 for 124M at context 1024). Attention
     still computes in float32, on the rounded values."""
     kv_shape = (shapes.batch, shapes.cache_len, cfg.n_head, cfg.head_dim)
-    cache = {"pos": jnp.zeros((shapes.batch,), jnp.int32),
-             "token": jnp.zeros((shapes.batch,), jnp.int32),
+    cache = {"token": jnp.zeros((shapes.batch,), jnp.int32),
              "logits": jnp.zeros((shapes.batch, cfg.padded_vocab), jnp.float32),
              "key": jnp.zeros((shapes.batch, 2), jnp.int32)}
     # Zero here, where JAX runs it; the module leaves K and V uninitialised
@@ -378,10 +380,14 @@ def kv_names(cfg: GPT2Config) -> list[str]:
 
 
 def _write_rows(cache_kv, new, starts):
-    """cache_kv (B,L,H,Q) with each row b's `new[b]` (T,H,Q) written at `starts[b]`."""
+    """cache_kv (B,L,H,Q) with each row b's `new[b]` (T,H,Q) written at
+    `starts[b]`, one scalar per row. Positions are never negative: JAX's wrap
+    of negative indices would be computed on the device, and IREE would then
+    wait for it before it could record the copy."""
     new = new.astype(cache_kv.dtype)
-    for b in range(cache_kv.shape[0]):
-        cache_kv = jax.lax.dynamic_update_slice(cache_kv, new[b:b + 1], (b, starts[b], 0, 0))
+    for b, start in enumerate(starts):
+        cache_kv = jax.lax.dynamic_update_slice(cache_kv, new[b:b + 1], (b, start, 0, 0),
+                                                allow_negative_indices=False)
     return cache_kv
 
 
@@ -459,10 +465,10 @@ def started(cfg: GPT2Config, cache, seeds, rows):
     return cache | cleared | {"key": jnp.where(flagged[:, None], seeded_keys(seeds), cache["key"])}
 
 
-def _advanced(cache, on, pos, token, logits, key):
-    """The rows' position, last token, logits and generator after a step: the
-    new values in the rows flagged `on` (B,), the cache's in the others."""
-    new = {"pos": pos.astype(jnp.int32), "token": token, "logits": logits, "key": key}
+def _advanced(cache, on, token, logits, key):
+    """The rows' last token, logits and generator after a step: the new
+    values in the rows flagged `on` (B,), the cache's in the others."""
+    new = {"token": token, "logits": logits, "key": key}
     return {name: jnp.where(on.reshape(-1, *(1,) * (value.ndim - 1)), value, cache[name])
             for name, value in new.items()}
 
@@ -471,15 +477,15 @@ def prefill(params, cfg: GPT2Config, shapes: Shapes, cache, chunk, lengths, star
     """Append a chunk to each row's sequence and pick the token after it.
 
     chunk (B,C) right-padded, lengths (B,) of its real tokens (0: the row is
-    left as it was), starts (B,) where each row's chunk goes (its current
-    length; 0 starts over). `sampling` is (temperature, top_k, top_p), one
-    value per row. -> (cache, next token (B,)).
+    left as it was), starts (B scalars) where each row's chunk goes (its
+    current length; 0 starts over). `sampling` is (temperature, top_k, top_p),
+    one value per row. -> (cache, next token (B,)).
 
     A chunk's padding writes junk K/V past the row's end, where no query looks
     before decode overwrites it; the cache's slack keeps those writes in bounds.
     """
     C = chunk.shape[1]
-    positions = starts[:, None] + jnp.arange(C)[None]  # (B,C)
+    positions = jnp.stack(starts)[:, None] + jnp.arange(C)[None]  # (B,C)
     visible = jnp.arange(shapes.cache_len)[None, None] <= positions[:, :, None]  # (B,C,L)
     new = {}
 
@@ -494,26 +500,26 @@ def prefill(params, cfg: GPT2Config, shapes: Shapes, cache, chunk, lengths, star
     last = jax.nn.one_hot(jnp.maximum(lengths - 1, 0), C, dtype=x.dtype)
     logits = _logits(params, cfg, jnp.einsum("bc,bce->be", last, x)[:, None])[:, 0]
     token, key = sample(logits, cache["key"], *sampling)
-    new |= _advanced(cache, lengths > 0, starts + lengths, token, logits, key)
+    new |= _advanced(cache, lengths > 0, token, logits, key)
     return new, new["token"]
 
 
-def decode(params, cfg: GPT2Config, shapes: Shapes, cache, window: int, active, sampling):
-    """One step: feed each row's last token at its position, write its K/V,
-    attend over the first `window` cache slots (static; every active row's
-    position must be below it) and pick the next token: with `sampling`
-    (per-row settings, as `sample` takes them), or greedily for every row when
-    it is None. The greedy step leaves out the sampler and leaves the
+def decode(params, cfg: GPT2Config, shapes: Shapes, cache, window: int, active, positions, sampling):
+    """One step: feed each row's last token at its position (`positions`, B
+    scalars: the row's length), write its K/V, attend over the first `window`
+    cache slots (static; every active row's position must be below it) and
+    pick the next token: with `sampling` (per-row settings, as `sample` takes
+    them), or greedily for every row when it is None. The greedy step leaves out the sampler and leaves the
     generators as they were: on the CPU the sampler's full-vocabulary passes
     were a sixth of a 124M step. Rows whose `active` (B,) is 0 keep their
     state; their K/V write lands past their sequence. -> (cache, token (B,))."""
-    pos = cache["pos"]
+    pos = jnp.stack(positions)
     visible = (jnp.arange(window)[None] <= pos[:, None])[:, None]  # (B,1,W)
     new = {}
 
     def attend(i, q, k, v):
-        new[f"k.{i}"] = _write_rows(cache[f"k.{i}"], k, pos)
-        new[f"v.{i}"] = _write_rows(cache[f"v.{i}"], v, pos)
+        new[f"k.{i}"] = _write_rows(cache[f"k.{i}"], k, positions)
+        new[f"v.{i}"] = _write_rows(cache[f"v.{i}"], v, positions)
         return _attend(q, new[f"k.{i}"][:, :window], new[f"v.{i}"][:, :window], visible)
 
     x = _embed(params, cache["token"][:, None], jnp.minimum(pos, cfg.n_positions - 1)[:, None])
@@ -522,7 +528,7 @@ def decode(params, cfg: GPT2Config, shapes: Shapes, cache, window: int, active, 
     logits = _logits(params, cfg, x)[:, 0]
     token, key = (_greedy(logits).astype(jnp.int32), cache["key"]) if sampling is None else \
         sample(logits, cache["key"], *sampling)
-    new |= _advanced(cache, active != 0, pos + 1, token, logits, key)
+    new |= _advanced(cache, active != 0, token, logits, key)
     return new, new["token"]
 
 

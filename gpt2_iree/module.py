@@ -113,6 +113,8 @@ class Module:
             raise BuildError(f"{self.build_dir} predates int8 LoRA bases; rebuild it with `doit`")
         if decode_function(self.manifest["decode_windows"][0], greedy=True) not in self.manifest["functions"]:
             raise BuildError(f"{self.build_dir} predates the greedy decode entries; rebuild it with `doit`")
+        if "pos" in self.manifest["state"]:  # the module kept each row's position itself
+            raise BuildError(f"{self.build_dir} predates positions passed by value; rebuild it with `doit`")
         # What the module keeps its KV cache in (float32 in builds that predate the choice).
         self.cache_dtype = np.dtype((self.manifest["generate"] if generation else self.manifest)
                                     .get("cache_dtype", "float32"))
@@ -244,18 +246,20 @@ class Module:
     def prefill(self, chunk: np.ndarray, lengths: np.ndarray, starts: np.ndarray, sampling: tuple) -> np.ndarray:
         """Append chunk[b, :lengths[b]] to row b's cache at starts[b]; each row's
         next token (B,). `sampling`: temperature (B,), top_k (B,), top_p (B,)."""
-        tokens = self.functions.prefill(*self._args(*_int32(chunk, lengths, starts), *_settings(sampling)))
+        tokens = self.functions.prefill(*self._args(*_int32(chunk, lengths)), *_by_value(starts),
+                                        *self._args(*_settings(sampling)))
         return self._host(tokens)[:, 0]
 
     @_on_device
-    def decode(self, window: int, active: np.ndarray, sampling: tuple | None) -> np.ndarray:
-        """One step of the active rows, attending over the first `window` cache
-        slots (one of the manifest's decode_windows); each row's token (B,).
-        `sampling` None: greedy, on the entry without the sampler."""
+    def decode(self, window: int, active: np.ndarray, positions: np.ndarray, sampling: tuple | None) -> np.ndarray:
+        """One step of the active rows, each fed at its position (B,: its
+        length), attending over the first `window` cache slots (one of the
+        manifest's decode_windows); each row's token (B,). `sampling` None:
+        greedy, on the entry without the sampler."""
         greedy = sampling is None
         decode = getattr(self.functions, decode_function(window, greedy))
         settings = () if greedy else _settings(sampling)
-        return self._host(decode(*self._args(*_int32(active), *settings)))[:, 0]
+        return self._host(decode(*self._args(*_int32(active)), *_by_value(positions), *self._args(*settings)))[:, 0]
 
     @_on_device
     def seed(self, seeds: np.ndarray, rows: np.ndarray) -> None:
@@ -348,6 +352,11 @@ def _stored_sizes(stored: dict, params: list) -> dict[str, int]:
 
 def _int32(*arrays) -> list[np.ndarray]:
     return [np.asarray(a, np.int32) for a in arrays]
+
+
+def _by_value(values) -> list[int]:
+    """The module's scalar arguments (positions), which it takes as host values."""
+    return [int(v) for v in values]
 
 
 def _settings(sampling: tuple) -> list[np.ndarray]:

@@ -29,15 +29,16 @@ class JaxReference:
         self.manifest, self.params = manifest, params
         self.cache = model.empty_cache(cfg, shapes, cache_dtype)
         self._prefill = jax.jit(lambda p, c, x, n, s, t: model.prefill(p, cfg, shapes, c, x, n, s, t))
-        self._decode = jax.jit(lambda p, c, w, a, t: model.decode(p, cfg, shapes, c, w, a, t), static_argnums=2)
+        self._decode = jax.jit(lambda p, c, w, a, s, t: model.decode(p, cfg, shapes, c, w, a, s, t),
+                               static_argnums=2)
         self._started = jax.jit(lambda c, s, r: model.started(cfg, c, s, r))
 
     def prefill(self, chunk, lengths, starts, sampling):
-        self.cache, token = self._prefill(self.params, self.cache, chunk, lengths, starts, sampling)
+        self.cache, token = self._prefill(self.params, self.cache, chunk, lengths, _scalars(starts), sampling)
         return np.asarray(token)
 
-    def decode(self, window, active, sampling):
-        self.cache, token = self._decode(self.params, self.cache, window, active, sampling)
+    def decode(self, window, active, positions, sampling):
+        self.cache, token = self._decode(self.params, self.cache, window, active, _scalars(positions), sampling)
         return np.asarray(token)
 
     def seed(self, seeds, rows):
@@ -45,3 +46,8 @@ class JaxReference:
 
     def get_state(self):
         return {name: np.asarray(value) for name, value in self.cache.items()}
+
+
+def _scalars(positions) -> tuple[np.ndarray, ...]:
+    """One int32 scalar per row, as model.py takes positions (the module, by value)."""
+    return tuple(np.int32(p) for p in positions)

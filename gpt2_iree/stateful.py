@@ -50,6 +50,18 @@ class Entry:
     writes: tuple[str, ...] = ()
 
 
+@dataclasses.dataclass(frozen=True)
+class Scalar:
+    """An argument of an entry that the host passes by value (`i32`), not as a
+    tensor: IREE then knows it when it records the call's commands. A value
+    used as an offset (where a row's K/V is written) that came as a tensor
+    lives on the device, and the call would wait for the device to read it
+    back before it could record the rest of its work."""
+
+    dtype: Any = np.dtype("int32")
+    shape = ()
+
+
 def tensor_type(x) -> str:
     dims = "".join(f"{d}x" for d in x.shape)
     return f"tensor<{dims}{_MLIR_TYPES[np.dtype(x.dtype)]}>"
@@ -174,18 +186,24 @@ def build_module(module_name: str, state: dict[str, Any], param_groups: tuple[st
 
 
 def _wrapper(entry: Entry, globals_: dict, in_avals: list, result_leaves: list) -> list[str]:
-    """The public function: load read globals, call the body, store written globals."""
+    """The public function: load read globals, call the body, store written
+    globals. A `Scalar` argument becomes a 0-d tensor for the body."""
     reads = [g for group in entry.reads for g in globals_[group]]
     writes = [g for group in entry.writes for g in globals_[group]]
     arg_avals = in_avals[len(reads):]
-    args = [f"%arg{i}: {tensor_type(a)}" for i, a in enumerate(arg_avals)]
+    by_value = [isinstance(leaf, Scalar) for leaf in jax.tree.leaves(entry.args)]
+    args = [f"%arg{i}: {_MLIR_TYPES[np.dtype(a.dtype)] if scalar else tensor_type(a)}"
+            for i, (a, scalar) in enumerate(zip(arg_avals, by_value, strict=True))]
     results = ", ".join(tensor_type(r) for r in result_leaves)
     out = [f"  func.func @{entry.name}({', '.join(args)}) -> ({results}) {{"]
     operands = []
     for i, (name, leaf) in enumerate(reads):
         out.append(f"    %s{i} = util.global.load @{name} : {tensor_type(leaf)}")
         operands.append(f"%s{i}")
-    operands += [f"%arg{i}" for i in range(len(arg_avals))]
+    for i, (a, scalar) in enumerate(zip(arg_avals, by_value)):
+        if scalar:
+            out.append(f"    %t{i} = tensor.from_elements %arg{i} : {tensor_type(a)}")
+        operands.append(f"%t{i}" if scalar else f"%arg{i}")
     in_types = ", ".join(tensor_type(a) for a in in_avals)
     out_types = [tensor_type(leaf) for _, leaf in writes] + [tensor_type(r) for r in result_leaves]
     n_out = len(out_types)

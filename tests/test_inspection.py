@@ -28,9 +28,10 @@ def test_cpu_functions_and_signatures(cpu, tiny_build):
     assert [f["name"] for f in cpu["functions"]] == FUNCTIONS
     sig = {f["name"]: f["signature"] for f in cpu["functions"]}
     sampling = "tensor<1xf32>, tensor<1xi32>, tensor<1xf32>"
-    assert sig["prefill"] == f"prefill(tensor<1x64xi32>, tensor<1xi32>, tensor<1xi32>, {sampling}) -> tensor<1x1xi32>"
-    assert sig["decode_64"] == f"decode_64(tensor<1xi32>, {sampling}) -> tensor<1x1xi32>"
-    assert sig["decode_greedy_64"] == "decode_greedy_64(tensor<1xi32>) -> tensor<1x1xi32>"
+    # Each row's position (B = 1) is a host scalar, passed by value.
+    assert sig["prefill"] == f"prefill(tensor<1x64xi32>, tensor<1xi32>, i32, {sampling}) -> tensor<1x1xi32>"
+    assert sig["decode_64"] == f"decode_64(tensor<1xi32>, i32, {sampling}) -> tensor<1x1xi32>"
+    assert sig["decode_greedy_64"] == "decode_greedy_64(tensor<1xi32>, i32) -> tensor<1x1xi32>"
     assert sig["seed"] == "seed(tensor<1xi32>, tensor<1xi32>) -> ()"
     assert sig["finetune"] == ("finetune(tensor<1x128xi32>, tensor<1x128xi32>, tensor<1xi32>, tensor<f32>) "
                                "-> tensor<f32>")
@@ -88,7 +89,7 @@ def test_formats_are_readable(cpu, tiny_build):
     text = inspection.format_vmfb(cpu)
     for name in FUNCTIONS:
         assert name in text
-    assert "decode_128(tensor<1xi32>, tensor<1xf32>, tensor<1xi32>, tensor<1xf32>) -> tensor<1x1xi32>" in text
+    assert "decode_128(tensor<1xi32>, i32, tensor<1xf32>, tensor<1xi32>, tensor<1xf32>) -> tensor<1x1xi32>" in text
     assert str(cpu["dispatches"]) in text and str(cpu["kernels"]) in text
     text = inspection.format_irpa(inspection.inspect_irpa(tiny_build / "gpt2.irpa"))
     assert "wte" in text and "h.0.mlp.in_w" in text

@@ -1,5 +1,6 @@
 """A compiled tiny module opened through gpt2_iree.module: devices, weights, and what is refused."""
 
+import json
 import platform
 import resource
 import shutil
@@ -43,6 +44,16 @@ def test_freed_memory_is_reused_without_page_faults():
 def test_unbuilt_directory_says_how_to_build(tmp_path):
     with pytest.raises(BuildError, match=r"not built yet.*doit"):
         Module(tmp_path)
+
+
+def test_a_build_whose_module_kept_the_rows_positions_is_refused(tiny_build, tmp_path):
+    # Its decode entries take no positions: the call would fail on its arguments.
+    old = tmp_path / "old"
+    shutil.copytree(tiny_build, old, symlinks=True)
+    manifest = json.loads((old / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps(manifest | {"state": ["pos", *manifest["state"]]}))
+    with pytest.raises(BuildError, match="predates positions passed by value; rebuild it with `doit`"):
+        Module(old)
 
 
 def test_missing_device_lists_available_ones(tiny_build):

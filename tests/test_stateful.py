@@ -1,5 +1,8 @@
 """stateful: JAX functions -> one IREE module, its parameters constant, state written by calls carried between them."""
 
+import re
+import subprocess
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +10,7 @@ import pytest
 
 from gpt2_iree import archive, compiler, stateful, toolchain
 from gpt2_iree.peak_memory import resident_bytes
-from gpt2_iree.targets import get_target
+from gpt2_iree.targets import compile_command, get_target
 
 STATE = {
     "params": {"w": np.zeros(4, np.float16)},
@@ -73,3 +76,27 @@ def test_state_with_no_initial_value_must_be_written_by_an_entry():
     read = stateful.Entry("read", lambda buf: ((), buf["x"]), reads=("buf",))
     with pytest.raises(ValueError, match="'buf_x' has no initial value, and no entry writes it"):
         stateful.build_module("m", state, ("params",), [read])
+
+
+def test_a_scalar_argument_is_a_host_value_so_a_call_writing_at_it_never_waits_midway(tmp_path):
+    # The KV cache's write position: given by value, IREE records the copy at
+    # that offset at once; as a tensor, the call would submit work, wait for
+    # the device and read the offset back before recording the rest.
+    state = {"params": {"w": np.zeros(4, np.float16)}, "buf": {"rows": np.zeros((8, 4), np.float32)}}
+    write = stateful.Entry("write", lambda params, buf, row, value: (({"rows": jax.lax.dynamic_update_slice(
+        buf["rows"], (value + params["w"].astype(jnp.float32))[None], (row, 0), allow_negative_indices=False)},),
+        jnp.sum(buf["rows"])), (stateful.Scalar(), jax.ShapeDtypeStruct((4,), np.float32)),
+        reads=("params", "buf"), writes=("buf",))
+    read = stateful.Entry("read", lambda buf: ((), buf["rows"]), reads=("buf",))
+    text = stateful.build_module("m", state, ("params",), [write, read])
+    assert "func.func @write(%arg0: i32, %arg1: tensor<4xf32>)" in text
+
+    module = _open(tmp_path, text, {"w": np.ones(4)})
+    module.write(5, np.full(4, 2, np.float32))
+    assert np.asarray(module.read().to_host())[:, 0].tolist() == [0, 0, 0, 0, 0, 3, 0, 0]
+
+    vm = tmp_path / "m.vm.mlir"
+    argv = compile_command(toolchain.iree_compile(), get_target("cpu"), tmp_path / "m.mlir", vm)
+    subprocess.run([*argv, "--compile-to=vm"], check=True, capture_output=True)
+    body = vm.read_text().split("vm.func private @write(")[1].split("vm.func ")[0]
+    assert len(re.findall(r"vm\.call[\w.]* @hal\.fence\.await", body)) == 1  # the call's end, nothing before it
