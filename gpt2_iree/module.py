@@ -64,6 +64,12 @@ def read_manifest(build_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def _doit(manifest: dict, target: str) -> str:
+    """The doit command that builds `target`'s module for the configuration of
+    `manifest`'s build (into build/, where doit put that build)."""
+    return " ".join(filter(None, ("doit", manifest.get("doit_vars"), f"targets={target}")))
+
+
 def choose_device(build_dir: Path, device: str | None = None, generation: bool = False) -> str:
     """`device`, refused if this runtime lacks it, or else the default device
     for which the build has a module (with `generation`, a generation module)."""
@@ -73,7 +79,8 @@ def choose_device(build_dir: Path, device: str | None = None, generation: bool =
         if device is None:
             raise BuildError(f"{build_dir} has no module for a default device here "
                              f"({', '.join(available_devices())}; software Vulkan is never the default); "
-                             f"build one with `doit targets=cpu`, or name the device with --device")
+                             f"build one with `{_doit(read_manifest(build_dir), 'cpu')}`, "
+                             f"or name the device with --device")
     elif not has_device(device):
         raise BuildError(f"device {device!r} is not available here; "
                          f"this runtime has: {', '.join(available_devices())}")
@@ -122,7 +129,7 @@ class Module:
         self.target = target or DRIVER_TARGETS[device]
         vmfb = self._vmfb(self.target)
         if not vmfb.is_file():
-            raise BuildError(f"{vmfb} is missing; build it with `{self._doit(self.target)}`")
+            raise BuildError(f"{vmfb} is missing; build it with `{_doit(self.manifest, self.target)}`")
         self.device = device
         if device.startswith("local"):
             reuse_freed_memory()
@@ -158,7 +165,7 @@ class Module:
                 compiled = rt.VmModule.mmap(config.vm_instance, str(vmfb))
             except ValueError as err:  # IREE's verifier: a truncated or corrupt module
                 raise BuildError(f"{vmfb} is not a loadable IREE module ({first_line(err)}); "
-                                 f"rebuild it with `{self._doit(self.target)}`") from None
+                                 f"rebuild it with `{_doit(self.manifest, self.target)}`") from None
             # SystemContext puts the Config's HAL module first, before the
             # parameters module that imports it.
             modules = [
@@ -172,10 +179,6 @@ class Module:
                 if attempt == 2:
                     raise
                 print(f"gpt2-iree: {lost}; loading it once more, on a new device", file=sys.stderr)
-
-    def _doit(self, target: str) -> str:
-        """The doit command that builds `target`'s module into this build directory."""
-        return " ".join(filter(None, ("doit", self.manifest.get("doit_vars"), f"targets={target}")))
 
     def _vmfb(self, target: str) -> Path:
         return self.build_dir / vmfb_name(target, self.generation)
@@ -246,7 +249,7 @@ class Module:
     def prefill(self, chunk: np.ndarray, lengths: np.ndarray, starts: np.ndarray, sampling: tuple) -> np.ndarray:
         """Append chunk[b, :lengths[b]] to row b's cache at starts[b]; each row's
         next token (B,). `sampling`: temperature (B,), top_k (B,), top_p (B,)."""
-        tokens = self.functions.prefill(*self._args(*_int32(chunk, lengths)), *_by_value(starts),
+        tokens = self.functions.prefill(*self._args(*_int32(chunk, lengths)), *self._positions(starts),
                                         *self._args(*_settings(sampling)))
         return self._host(tokens)[:, 0]
 
@@ -259,7 +262,19 @@ class Module:
         greedy = sampling is None
         decode = getattr(self.functions, decode_function(window, greedy))
         settings = () if greedy else _settings(sampling)
-        return self._host(decode(*self._args(*_int32(active)), *_by_value(positions), *self._args(*settings)))[:, 0]
+        return self._host(decode(*self._args(*_int32(active)), *self._positions(positions),
+                                 *self._args(*settings)))[:, 0]
+
+    def _positions(self, positions) -> list[int]:
+        """Each row's position, as the module takes it: by value. One outside
+        0..context is refused: the cache write would clamp it, and attention
+        would look where nothing was written."""
+        context = self.manifest["shapes"]["context"]
+        values = [int(p) for p in positions]
+        for p in values:
+            if not 0 <= p <= context:
+                raise ValueError(f"position {p} is out of range; valid: 0 to {context} (the context)")
+        return values
 
     @_on_device
     def seed(self, seeds: np.ndarray, rows: np.ndarray) -> None:
@@ -352,11 +367,6 @@ def _stored_sizes(stored: dict, params: list) -> dict[str, int]:
 
 def _int32(*arrays) -> list[np.ndarray]:
     return [np.asarray(a, np.int32) for a in arrays]
-
-
-def _by_value(values) -> list[int]:
-    """The module's scalar arguments (positions), which it takes as host values."""
-    return [int(v) for v in values]
 
 
 def _settings(sampling: tuple) -> list[np.ndarray]:

@@ -56,6 +56,15 @@ def test_a_build_whose_module_kept_the_rows_positions_is_refused(tiny_build, tmp
         Module(old)
 
 
+def test_a_position_outside_the_context_is_refused(tiny_build):
+    # The cache write would clamp it and attention would read where nothing was written.
+    module = Module(tiny_build, "local-task")
+    with pytest.raises(ValueError, match=r"position -1 is out of range; valid: 0 to 128 \(the context\)"):
+        module.decode(64, np.ones(1), np.array([-1]), None)
+    with pytest.raises(ValueError, match="position 129 is out of range"):
+        module.prefill(np.zeros((1, 64)), np.array([1]), np.array([129]), ((0.0,), (0,), (1.0,)))
+
+
 def test_missing_device_lists_available_ones(tiny_build):
     with pytest.raises(BuildError, match=r"device 'metal' is not available here; this runtime has: .*local-task"):
         Module(tiny_build, device="metal")
