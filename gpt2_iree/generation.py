@@ -86,8 +86,7 @@ class Rows:
             active = np.zeros(self.batch, np.int32)
             active[list(decoding)] = 1
             greedy = all(self.settings[r].temperature == 0 for r in decoding)
-            positions = np.array([len(h) for h in self.history], np.int32)
-            tokens = self.module.decode(window, active, positions, None if greedy else self._sampling())
+            tokens = self.module.decode(window, active, self._positions(), None if greedy else self._sampling())
             for r in decoding:
                 self.history[r].append(self.pending[r])
                 self.pending[r] = int(tokens[r])
@@ -100,11 +99,10 @@ class Rows:
         while todo:
             chunk = np.zeros((self.batch, self.chunk), np.int32)
             lengths = np.zeros(self.batch, np.int32)
-            starts = np.array([len(h) for h in self.history], np.int32)
             for row, tokens in todo.items():
                 part = tokens[:self.chunk]
                 chunk[row, :len(part)], lengths[row] = part, len(part)
-            next_tokens = self.module.prefill(chunk, lengths, starts, self._sampling())
+            next_tokens = self.module.prefill(chunk, lengths, self._positions(), self._sampling())
             for row in list(todo):
                 self.history[row] += todo[row][:self.chunk]
                 todo[row] = todo[row][self.chunk:]
@@ -112,6 +110,11 @@ class Rows:
                     del todo[row]
                     self.pending[row] = out[row] = int(next_tokens[row])
         return out
+
+    def _positions(self) -> np.ndarray:
+        """Each row's position: its length, where its next K/V goes (the
+        module takes them from the host)."""
+        return np.array([len(h) for h in self.history], np.int32)
 
     def _sampling(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return (np.array([s.temperature for s in self.settings], np.float32),

@@ -509,9 +509,9 @@ def decode(params, cfg: GPT2Config, shapes: Shapes, cache, window: int, active, 
     scalars: the row's length), write its K/V, attend over the first `window`
     cache slots (static; every active row's position must be below it) and
     pick the next token: with `sampling` (per-row settings, as `sample` takes
-    them), or greedily for every row when it is None. The greedy step leaves out the sampler and leaves the
-    generators as they were: on the CPU the sampler's full-vocabulary passes
-    were a sixth of a 124M step. Rows whose `active` (B,) is 0 keep their
+    them), or greedily for every row when it is None. The greedy step leaves
+    out the sampler and leaves the generators as they were: on the CPU the
+    sampler's full-vocabulary passes were a sixth of a 124M step. Rows whose `active` (B,) is 0 keep their
     state; their K/V write lands past their sequence. -> (cache, token (B,))."""
     pos = jnp.stack(positions)
     visible = (jnp.arange(window)[None] <= pos[:, None])[:, None]  # (B,1,W)

@@ -50,7 +50,6 @@ class Entry:
     writes: tuple[str, ...] = ()
 
 
-@dataclasses.dataclass(frozen=True)
 class Scalar:
     """An argument of an entry that the host passes by value (`i32`), not as a
     tensor: IREE then knows it when it records the call's commands. A value
@@ -58,7 +57,7 @@ class Scalar:
     lives on the device, and the call would wait for the device to read it
     back before it could record the rest of its work."""
 
-    dtype: Any = np.dtype("int32")
+    dtype = np.dtype("int32")
     shape = ()
 
 
