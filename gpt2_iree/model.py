@@ -435,10 +435,7 @@ def sample(logits, key, temperature, top_k, top_p):
     computed and one picked per row, greedy rows too: IREE 3.13's vectorizer
     crashes on a sampler under a lax.cond at batch 1.
     """
-    split = jax.vmap(jax.random.split)(jax.lax.bitcast_convert_type(key, jnp.uint32))
-    key, noise_key = jax.lax.bitcast_convert_type(split[:, 0], jnp.int32), split[:, 1]
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (logits.shape[-1],)))(noise_key)
     # Fused into the pass below, the threshold search's last reductions went
     # wrong on IREE 3.13's SPIR-V path at GPT-2's vocabulary: they let in
     # tokens outside the top-k set or the nucleus. The barrier keeps the
@@ -446,8 +443,47 @@ def sample(logits, key, temperature, top_k, top_p):
     k_threshold, p_threshold = jax.lax.optimization_barrier(_thresholds(scaled, top_k, top_p))
     allowed = (((top_k == 0)[:, None] | (scaled >= k_threshold))
                & ((top_p >= 1.0)[:, None] | (scaled >= p_threshold)))
+    gumbel, key = _gumbel_noise(key, logits.shape[-1])
     drawn = _greedy(jnp.where(allowed, scaled + gumbel, NEG_INF))
     return jnp.where(temperature > 0, drawn, _greedy(logits)).astype(jnp.int32), key
+
+
+def _gumbel_noise(key, vocab):
+    """Gumbel noise (B,V) from each row's key (B,2), and the keys for the next
+    draw: threefry of the key at counters (i, 0) for the noise and (0, 1) for
+    the next key, all distinct, so that every output is independent."""
+    words = jax.lax.bitcast_convert_type(key, jnp.uint32)
+    k = (words[:, :1], words[:, 1:])
+    bits, _ = threefry2x32(k, (jnp.arange(vocab, dtype=jnp.uint32)[None], jnp.zeros((1, 1), jnp.uint32)))
+    next_key = jnp.concatenate(threefry2x32(k, (jnp.zeros((1, 1), jnp.uint32), jnp.ones((1, 1), jnp.uint32))),
+                               axis=1)
+    # The top 23 bits as a float in [1, 2), less 1: uniform on [0, 1).
+    uniform = jax.lax.bitcast_convert_type((bits >> 9) | jnp.uint32(0x3F800000), jnp.float32) - 1.0
+    gumbel = -jnp.log(-jnp.log(jnp.maximum(uniform, jnp.finfo(jnp.float32).tiny)))
+    return gumbel, jax.lax.bitcast_convert_type(next_key, jnp.int32)
+
+
+THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def threefry2x32(key, counter):
+    """Threefry-2x32 with 20 rounds (Salmon et al. 2011, as jax.random's):
+    two uint32 key words and two counter words -> two words of random bits.
+
+    Unrolled here because JAX lowers its own for the CPU as a `fori_loop`,
+    a `stablehlo.while` that IREE 3.13 runs on the host: one submission and
+    one wait per round, every sampled step."""
+    k0, k1 = key
+    schedule = (k0, k1, k0 ^ k1 ^ jnp.uint32(0x1BD11BDA))
+    x0, x1 = counter[0] + schedule[0], counter[1] + schedule[1]
+    for i in range(5):
+        for r in THREEFRY_ROTATIONS[i % 2]:
+            x0 = x0 + x1
+            x1 = (x1 << jnp.uint32(r)) | (x1 >> jnp.uint32(32 - r))
+            x1 = x1 ^ x0
+        x0 = x0 + schedule[(i + 1) % 3]
+        x1 = x1 + schedule[(i + 2) % 3] + jnp.uint32(i + 1)
+    return x0, x1
 
 
 def seeded_keys(seeds):
@@ -511,8 +547,9 @@ def decode(params, cfg: GPT2Config, shapes: Shapes, cache, window: int, active, 
     pick the next token: with `sampling` (per-row settings, as `sample` takes
     them), or greedily for every row when it is None. The greedy step leaves
     out the sampler and leaves the generators as they were: on the CPU the
-    sampler's full-vocabulary passes were a sixth of a 124M step. Rows whose `active` (B,) is 0 keep their
-    state; their K/V write lands past their sequence. -> (cache, token (B,))."""
+    sampler's full-vocabulary passes were a sixth of a 124M step. Rows
+    whose `active` (B,) is 0 keep their state; their K/V write lands past
+    their sequence. -> (cache, token (B,))."""
     pos = jnp.stack(positions)
     visible = (jnp.arange(window)[None] <= pos[:, None])[:, None]  # (B,1,W)
     new = {}
