@@ -60,11 +60,21 @@ def test_the_generation_module_records_command_buffers_at_load(tiny_build):
     assert [f["name"] for f in info["functions"]] == ["prefill", *DECODE, "seed", "get_state"]
     per_function = {f["name"]: f["dispatches"] for f in info["functions"]}
     assert per_function["decode_64"] >= 1
-    # The constant weights are laid out at load (data tiling packs them): a launch at least per weight.
+    # The constant weights are laid out at load (data tiling packs the matrices
+    # products read): a launch at least per layer's matrix.
     assert info["dispatches_at_load"] == info["dispatches"] - sum(per_function.values())
     manifest = json.loads((tiny_build / "manifest.json").read_text())
-    assert info["dispatches_at_load"] >= len(manifest["params"])
+    assert info["dispatches_at_load"] >= sum(name.endswith("_w") for name, _ in manifest["params"]) > 0
     assert f"{info['dispatches_at_load']} of the sites run at load" in inspection.format_vmfb(info)
+
+
+def test_each_module_carries_the_digest_of_the_export_it_was_compiled_from(cpu, metal, tiny_build):
+    # What the runtime compares with the manifest's, to refuse a stale module.
+    manifest = json.loads((tiny_build / "manifest.json").read_text())
+    generation = inspection.inspect_vmfb(tiny_build / "gpt2-generate-cpu.vmfb")
+    assert cpu["source_digest"] == metal["source_digest"] == manifest["source_digest"]
+    assert generation["source_digest"] == manifest["generate"]["source_digest"] != manifest["source_digest"]
+    assert f"source digest: {manifest['source_digest']}" in inspection.format_vmfb(cpu)
 
 
 def test_metal_kernels_are_its_executables(metal, tiny_build):
