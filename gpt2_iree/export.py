@@ -276,10 +276,11 @@ def export_build(out_dir: Path, name: str, cfg: model.GPT2Config, params: dict, 
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     trained = lora.init_adapters(cfg, tuning) if tuning else params
-    write_text(out_dir / "gpt2.mlir", export_mlir(cfg, shapes, optimizer, trained, tuning, params if tuning else None,
-                                                  weights_format))
+    module_text = export_mlir(cfg, shapes, optimizer, trained, tuning, params if tuning else None, weights_format)
+    write_text(out_dir / "gpt2.mlir", module_text)
     if not tuning:
-        write_text(out_dir / "gpt2-generate.mlir", export_generate_mlir(cfg, shapes, params, weights_format))
+        generate_text = export_generate_mlir(cfg, shapes, params, weights_format)
+        write_text(out_dir / "gpt2-generate.mlir", generate_text)
     write_irpa(generate_weights.converted(params, weights_format), out_dir / (BASE_ARCHIVE if tuning else GENERATE_ARCHIVE),
                dtype=None)
     write_irpa(trained, out_dir / "gpt2.irpa")
@@ -289,7 +290,7 @@ def export_build(out_dir: Path, name: str, cfg: model.GPT2Config, params: dict, 
                         "params": [[k, list(params[k].shape)] for k in sorted(params)],
                         "sha256": sha256_file(out_dir / BASE_ARCHIVE)}} if tuning else {
         "generate": {"module": GENERATE_MODULE_NAME, "functions": generate_functions(shapes),
-                     "archive": GENERATE_ARCHIVE,
+                     "source_digest": stateful.source_digest(generate_text), "archive": GENERATE_ARCHIVE,
                      "weights_dtype": weights_format, "cache_dtype": cache_dtype(None).name}}
     write_json(out_dir / "manifest.json", {
         "model": name,
@@ -302,6 +303,8 @@ def export_build(out_dir: Path, name: str, cfg: model.GPT2Config, params: dict, 
         "weights": weights,
         "tuning": tuning.as_manifest() if tuning else {"mode": "full"},
         "functions": functions(shapes),
+        # What each module's compiled functions must carry (stateful.source_digest).
+        "source_digest": stateful.source_digest(module_text),
         **modules,
         # get_params/set_params order: JAX flattens a dict in sorted key order.
         "params": [[k, list(trained[k].shape)] for k in sorted(trained)],

@@ -23,6 +23,9 @@
   kernel (the same layer shape in every layer), so dispatches >= kernels. This
   works whatever the packaging: a CPU module links all kernels into one shared
   library, a Metal module holds one executable (one zip entry) per kernel.
+* source_digest: the digest of the MLIR it was compiled from, which our
+  exported functions carry in their reflection (SOURCE_DIGEST_KEY, written by
+  stateful.build_module; the manifest holds the export's), or None.
 
 `inspect_irpa` lists an archive's keys and sizes with `iree.runtime.ParameterIndex`.
 Either raises `Gpt2IreeError` naming the file when it is missing or not of its kind.
@@ -35,6 +38,10 @@ import subprocess
 from pathlib import Path
 
 from gpt2_iree.errors import Gpt2IreeError
+
+# The reflection key under which each exported function of a compiled module
+# carries the digest of the MLIR text it was compiled from.
+SOURCE_DIGEST_KEY = "gpt2_iree_source"
 
 # A HAL executable format string, as stored in the module's read-only data.
 _FORMAT = re.compile(r"(?:embedded|system)-(?:elf|dll|dylib)-[a-z0-9_]+|[a-z]+-[a-z0-9]+-fb")
@@ -129,6 +136,7 @@ def inspect_vmfb(path: Path) -> dict:
     strings += re.findall(r"^\s+\.rodata\[\s*\d+\] embedded\s+\d+ bytes `([^`]*)`", dump, re.M)
     formats = sorted({s for s in strings if _FORMAT.fullmatch(s)})
     per_function, kernels = _bytecode(dump, rodata)
+    digest = re.search(rf"^\s+{SOURCE_DIGEST_KEY}: (\w+)$", dump, re.M)
     for f in functions:
         f["dispatches"] = per_function.get(f["name"], 0)
     return {
@@ -138,6 +146,7 @@ def inspect_vmfb(path: Path) -> dict:
         "dispatches": sum(per_function.values()),
         "dispatches_at_load": sum(per_function.values()) - sum(f["dispatches"] for f in functions),
         "kernels": len(kernels),
+        "source_digest": digest and digest[1],
         "size_bytes": path.stat().st_size,
     }
 
@@ -182,6 +191,7 @@ def format_vmfb(info: dict) -> str:
     else:
         lines.append(f"module ({_size(info['size_bytes'])})")
     lines.append(f"executable formats: {', '.join(info['executable_formats']) or '(none)'}")
+    lines.append(f"source digest: {info['source_digest'] or '(none)'}")
     lines.append(f"dispatches: {info['dispatches']} call sites launching {info['kernels']} distinct kernels; "
                  f"{info['dispatches_at_load']} of the sites run at load (laying out constant weights, and command "
                  f"buffers recorded once for calls to replay)")

@@ -25,6 +25,7 @@ from gpt2_iree.devices import (DRIVER_TARGETS, DeviceLostError, available_device
                                open_device, reports_device_loss)
 from gpt2_iree.errors import Gpt2IreeError, first_line
 from gpt2_iree.generation import decode_function
+from gpt2_iree.inspection import SOURCE_DIGEST_KEY
 from gpt2_iree.targets import vmfb_name
 
 # What `doit` builds with no vars (tests/test_module.py keeps the two in step).
@@ -166,6 +167,7 @@ class Module:
             except ValueError as err:  # IREE's verifier: a truncated or corrupt module
                 raise BuildError(f"{vmfb} is not a loadable IREE module ({first_line(err)}); "
                                  f"rebuild it with `{_doit(self.manifest, self.target)}`") from None
+            self._check_source(compiled, vmfb)
             # SystemContext puts the Config's HAL module first, before the
             # parameters module that imports it.
             modules = [
@@ -179,6 +181,18 @@ class Module:
                 if attempt == 2:
                     raise
                 print(f"gpt2-iree: {lost}; loading it once more, on a new device", file=sys.stderr)
+
+    def _check_source(self, compiled, vmfb: Path) -> None:
+        """Refuse a module compiled from another export than the manifest's:
+        doit compiles only the targets it is given, so a module of another
+        target can outlive a new export beside it, and its calls would fail
+        on their arguments, or compute what the code no longer does."""
+        expected = (self.manifest["generate"] if self.generation else self.manifest).get("source_digest")
+        function = compiled.lookup_function("get_state")
+        found = function.reflection.get(SOURCE_DIGEST_KEY) if function else None
+        if expected and found != expected:  # builds exported before the digest have none
+            raise BuildError(f"{vmfb} was compiled from another export than {self.build_dir}'s manifest; "
+                             f"rebuild it with `{_doit(self.manifest, self.target)}`")
 
     def _vmfb(self, target: str) -> Path:
         return self.build_dir / vmfb_name(target, self.generation)

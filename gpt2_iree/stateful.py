@@ -11,11 +11,16 @@ ship in a `.irpa` beside the module instead of inside it. State that no entry
 writes is constant, which lets IREE prepare it once, at load. State given only
 by its shape and dtype starts uninitialised: IREE allocates it and writes
 nothing, so its pages cost no memory until an entry writes them.
+
+Every public function carries the module's source digest (`source_digest`)
+in its reflection, which a compiled module keeps: the runtime compares it
+with the manifest's, and so refuses a module compiled from an earlier export.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 from typing import Any, Callable
 
@@ -23,6 +28,7 @@ import jax
 import numpy as np
 
 from gpt2_iree.archive import PARAMETER_SCOPE
+from gpt2_iree.inspection import SOURCE_DIGEST_KEY
 
 _MLIR_TYPES = {
     np.dtype("float32"): "f32",
@@ -32,6 +38,10 @@ _MLIR_TYPES = {
     np.dtype("int64"): "i64",
     np.dtype("bool"): "i1",
 }
+
+
+# What stands in the digest's place while the text is hashed.
+_UNHASHED = f'{SOURCE_DIGEST_KEY} = "{"-" * 16}"'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,8 +190,16 @@ def build_module(module_name: str, state: dict[str, Any], param_groups: tuple[st
     lines += bodies
     lines.append("}")
     module_text = "\n".join(lines) + "\n"
+    digest = hashlib.sha256(module_text.encode()).hexdigest()[:16]
+    module_text = module_text.replace(_UNHASHED, f'{SOURCE_DIGEST_KEY} = "{digest}"')
     ir.Module.parse(module_text, ctx)  # fail here, with MLIR's message, not in iree-compile
     return module_text
+
+
+def source_digest(module_text: str) -> str:
+    """The digest that build_module stamped on the module `module_text`: 16
+    hex digits of the sha256 of its text."""
+    return re.search(f'{SOURCE_DIGEST_KEY} = "([0-9a-f]{{16}})"', module_text).group(1)
 
 
 def _wrapper(entry: Entry, globals_: dict, in_avals: list, result_leaves: list) -> list[str]:
@@ -194,7 +212,8 @@ def _wrapper(entry: Entry, globals_: dict, in_avals: list, result_leaves: list) 
     args = [f"%arg{i}: {_MLIR_TYPES[np.dtype(a.dtype)] if scalar else tensor_type(a)}"
             for i, (a, scalar) in enumerate(zip(arg_avals, by_value, strict=True))]
     results = ", ".join(tensor_type(r) for r in result_leaves)
-    out = [f"  func.func @{entry.name}({', '.join(args)}) -> ({results}) {{"]
+    out = [f"  func.func @{entry.name}({', '.join(args)}) -> ({results}) "
+           f"attributes {{iree.reflection = {{{_UNHASHED}}}}} {{"]
     operands = []
     for i, (name, leaf) in enumerate(reads):
         out.append(f"    %s{i} = util.global.load @{name} : {tensor_type(leaf)}")

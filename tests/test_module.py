@@ -56,6 +56,22 @@ def test_a_build_whose_module_kept_the_rows_positions_is_refused(tiny_build, tmp
         Module(old)
 
 
+@pytest.mark.parametrize("generation", [False, True])
+def test_a_module_compiled_from_another_export_is_refused(tiny_build, tmp_path, generation):
+    # doit compiles only the targets it is given: after a new export, another
+    # target's module stays beside it, and its calls would fail on their arguments.
+    build = tmp_path / "build"
+    shutil.copytree(tiny_build, build, symlinks=True)
+    manifest = json.loads((build / "manifest.json").read_text())
+    exported = manifest["generate"] if generation else manifest
+    exported["source_digest"] = "0123456789abcdef"
+    (build / "manifest.json").write_text(json.dumps(manifest))
+    name = "gpt2-generate-cpu.vmfb" if generation else "gpt2-cpu.vmfb"
+    with pytest.raises(BuildError, match=rf"{name} was compiled from another export than .*build's manifest; "
+                                         r"rebuild it with `doit.*targets=cpu`"):
+        Module(build, "local-task", generation=generation)
+
+
 def test_a_position_outside_the_context_is_refused(tiny_build):
     # The cache write would clamp it and attention would read where nothing was written.
     module = Module(tiny_build, "local-task")
