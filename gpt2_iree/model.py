@@ -27,9 +27,9 @@ code; each avoids something IREE 3.13 rejects or runs slowly (see DESIGN.md):
 * Masks use `where(mask, x, -1e9)`; `x - inf * mask` would give 0 * inf = NaN.
 * The module's Adafactor is adafactor.py's: optax's math, written so that IREE
   streams each weight fewer times (see `make_optimizer`).
-* Three pieces avoid wrong results on IREE's GPU path at GPT-2's sizes: the
-  embeddings' gradient is added in chunks (`_rows`), top-p weighs its mass
-  unnormalised (`_thresholds`), and a barrier splits the sampler (`sample`).
+* Two pieces avoid wrong results on IREE's GPU path at GPT-2's sizes: the
+  embeddings' gradient is added in chunks (`_rows`), and top-p weighs its
+  mass unnormalised (`_thresholds`).
 """
 
 from __future__ import annotations
@@ -391,9 +391,12 @@ def _write_rows(cache_kv, new, starts):
     return cache_kv
 
 
-# Bisection steps that find the top-k and top-p thresholds: they halve the
-# logits' range each, so 24 resolve a range of 100 to 6e-6.
-THRESHOLD_STEPS = 24
+# The top-k and top-p thresholds are searched in passes over the logits, each
+# weighing THRESHOLD_WAYS - 1 candidates spread over the range left: 12
+# passes of 4 ways narrow a range of 100 to 6e-6, as 24 halvings would, in
+# half the passes (each a dispatch, and on a GPU a launch). 16 ways in 6
+# passes did more work per pass than they saved, on lavapipe and the CPU.
+THRESHOLD_PASSES, THRESHOLD_WAYS = 12, 4
 
 
 def _thresholds(scaled, top_k, top_p):
@@ -409,17 +412,31 @@ def _thresholds(scaled, top_k, top_p):
     needed = top_p[:, None] * jnp.sum(weights, axis=-1, keepdims=True)
     k = jnp.maximum(top_k, 1).astype(scaled.dtype)[:, None]
     # Every real token is at or above it (count V, mass 1); the padded
-    # vocabulary's NEG_INF would make the range, and each step, 1e9 wide.
+    # vocabulary's NEG_INF would make the range, and each pass, 1e9 wide.
     low = jnp.min(jnp.where(scaled > NEG_INF / 2, scaled, -NEG_INF), axis=-1, keepdims=True)
     high = jnp.max(scaled, axis=-1, keepdims=True) + 1.0  # none: count 0, mass 0
     k_low, k_high, p_low, p_high = low, high, low, high
-    for _ in range(THRESHOLD_STEPS):
-        k_mid, p_mid = (k_low + k_high) / 2, (p_low + p_high) / 2
-        enough = jnp.sum((scaled >= k_mid).astype(scaled.dtype), axis=-1, keepdims=True) >= k
-        k_low, k_high = jnp.where(enough, k_mid, k_low), jnp.where(enough, k_high, k_mid)
-        mass = jnp.sum(jnp.where(scaled >= p_mid, weights, 0.0), axis=-1, keepdims=True) >= needed
-        p_low, p_high = jnp.where(mass, p_mid, p_low), jnp.where(mass, p_high, p_mid)
+    for _ in range(THRESHOLD_PASSES):
+        k_cuts, p_cuts = _cuts(k_low, k_high), _cuts(p_low, p_high)
+        enough = jnp.sum((scaled[:, None, :] >= k_cuts[:, :, None]).astype(scaled.dtype), axis=-1) >= k
+        mass = jnp.sum(jnp.where(scaled[:, None, :] >= p_cuts[:, :, None], weights[:, None, :], 0.0), axis=-1)
+        k_low, k_high = _narrowed(k_low, k_cuts, k_high, enough)
+        p_low, p_high = _narrowed(p_low, p_cuts, p_high, mass >= needed)
     return k_low, p_low
+
+
+def _cuts(low, high):
+    """THRESHOLD_WAYS - 1 candidates (B, ways - 1), rising, that cut each
+    row's range [low, high) (B,1) into equal parts."""
+    return low + (high - low) * (jnp.arange(1, THRESHOLD_WAYS, dtype=low.dtype) / THRESHOLD_WAYS)
+
+
+def _narrowed(low, cuts, high, kept):
+    """Each row's range narrowed to the part between the last of its `cuts`
+    that keeps enough (`kept`, a prefix of them: they rise) and the next."""
+    bounds = jnp.concatenate([low, cuts, high], axis=-1)
+    last = jnp.sum(kept, axis=-1, keepdims=True)
+    return jnp.take_along_axis(bounds, last, axis=-1), jnp.take_along_axis(bounds, last + 1, axis=-1)
 
 
 def sample(logits, key, temperature, top_k, top_p):
@@ -436,11 +453,12 @@ def sample(logits, key, temperature, top_k, top_p):
     crashes on a sampler under a lax.cond at batch 1.
     """
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-    # Fused into the pass below, the threshold search's last reductions went
-    # wrong on IREE 3.13's SPIR-V path at GPT-2's vocabulary: they let in
-    # tokens outside the top-k set or the nucleus. The barrier keeps the
-    # search and the draw in separate dispatches.
-    k_threshold, p_threshold = jax.lax.optimization_barrier(_thresholds(scaled, top_k, top_p))
+    # No optimization barrier between the search and the draw: IREE's stream
+    # dialect runs one on the host, after a wait for the device. The
+    # bisection that came before this search needed one on the SPIR-V path,
+    # where its last reductions, fused into the draw, let in tokens outside
+    # the top-k set or the nucleus (tests/test_model.py).
+    k_threshold, p_threshold = _thresholds(scaled, top_k, top_p)
     allowed = (((top_k == 0)[:, None] | (scaled >= k_threshold))
                & ((top_p >= 1.0)[:, None] | (scaled >= p_threshold)))
     gumbel, key = _gumbel_noise(key, logits.shape[-1])

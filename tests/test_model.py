@@ -49,9 +49,10 @@ def test_embedding_gradient_keeps_every_row_past_the_gpu_grid_limit(vulkan, tmp_
 
 def test_the_sampler_draws_as_jax_does_over_the_full_vocabulary(vulkan, tmp_path):
     # At GPT-2's vocabulary IREE's SPIR-V path got the sampler wrong twice:
-    # its softmax over 50304 entries, and the threshold search fused into the
-    # draw. Top-k 1 disagreed with greedy, and top-k and top-p drew other
-    # tokens than JAX: some of these rows do, without model.sample's barrier.
+    # its softmax over 50304 entries, and a threshold search by halving fused
+    # into the draw. Top-k 1 disagreed with greedy, and top-k and top-p drew
+    # other tokens than JAX, as some of these rows did with that search and
+    # no optimization barrier after it.
     cfg = model.GPT2Config(n_layer=1, n_embd=GPT2_WIDTH, n_head=12, n_positions=1024, vocab_size=GPT2_VOCAB)
     rng = np.random.default_rng(0)
     wte = (rng.uniform(0.01, 0.2) * rng.standard_normal((cfg.padded_vocab, GPT2_WIDTH))).astype(np.float32)
@@ -73,6 +74,20 @@ def test_the_sampler_draws_as_jax_does_over_the_full_vocabulary(vulkan, tmp_path
     assert sampled[top_k == 1].tolist() == greedy[top_k == 1].tolist()
     assert sampled.tolist() == want_sampled.tolist()
     assert next_key.tolist() == want_key.tolist()
+
+
+def test_the_thresholds_keep_the_top_k_tokens_and_the_smallest_nucleus_that_sorting_finds():
+    rng = np.random.default_rng(0)
+    scaled = (rng.standard_normal((8, 50304)) * rng.uniform(0.5, 5, (8, 1))).astype(np.float32)
+    scaled[:, GPT2_VOCAB:] = model.NEG_INF
+    top_k = np.array([1, 2, 5, 40, 50, 1000, 3, 7], np.int32)
+    top_p = np.array([0.5, 0.9, 0.95, 0.99, 0.3, 0.999, 0.7, 0.8], np.float32)
+    k_threshold, p_threshold = (np.asarray(t) for t in jax.jit(model._thresholds)(scaled, top_k, top_p))
+    assert (scaled >= k_threshold).sum(-1).tolist() == top_k.tolist()
+    probabilities = np.exp(scaled.astype(np.float64) - scaled.max(-1, keepdims=True))
+    descending = -np.sort(-probabilities / probabilities.sum(-1, keepdims=True), axis=-1)
+    nucleus = [int(np.searchsorted(np.cumsum(row), p)) + 1 for row, p in zip(descending, top_p)]
+    assert (scaled >= p_threshold).sum(-1).tolist() == nucleus
 
 
 def test_the_sampler_s_generator_is_threefry_bit_for_bit_without_a_loop():
