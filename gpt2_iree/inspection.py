@@ -17,6 +17,10 @@
   constant weights (data tiling's packing), and those of the
   command buffers IREE records there once, for a call to replay (the
   generation module's `encode`, whose own count is then 0).
+* waits: per function, the host's waits for the device in one call
+  (`hal.fence.await` call sites). 1 is the wait for its results; more mean
+  that the call stops midway, and a GPU idles while the host reads a value
+  back and records the rest.
 * kernels: the number of distinct executable entry points those sites launch,
   counted as the distinct names passed to `hal.executable.lookup.function`
   (e.g. `decode_dispatch_3_matvec_192x64_f32`). Several sites can launch one
@@ -103,9 +107,10 @@ def _rodata(dump: str) -> dict[int, bytes]:
     return {int(i): bytes.fromhex(h) for i, h in re.findall(r"^vm\.rodata\[(\d+)\] = ([0-9A-Fa-f]*)$", dump, re.M)}
 
 
-def _bytecode(dump: str, rodata: dict[int, bytes]) -> tuple[dict[str, int], set[str]]:
-    """Dispatch call sites per VM function, and the kernel names they look up."""
+def _bytecode(dump: str, rodata: dict[int, bytes]) -> tuple[dict[str, int], dict[str, int], set[str]]:
+    """Dispatch call sites and wait call sites per VM function, and the kernel names the dispatches look up."""
     per_function: dict[str, int] = {}
+    waits: dict[str, int] = {}
     kernels: set[str] = set()
     registers: dict[str, int] = {}  # ref register -> rodata index last loaded into it
     function = None
@@ -114,6 +119,7 @@ def _bytecode(dump: str, rodata: dict[int, bytes]) -> tuple[dict[str, int], set[
             function, registers = m[1], {}
             # Not reset: a recorded command buffer's function can print as a second `__init`.
             per_function.setdefault(function, 0)
+            waits.setdefault(function, 0)
         elif m := re.match(r"^\s*%[rR](\d+) = vm\.const\.ref\.rodata (\d+)\b", line):
             registers[m[1]] = int(m[2])
         elif m := re.search(r"vm\.call @hal\.executable\.lookup\.function\(%[rR]\d+, %[rR](\d+)\)", line):
@@ -122,7 +128,9 @@ def _bytecode(dump: str, rodata: dict[int, bytes]) -> tuple[dict[str, int], set[
                 kernels.add(rodata.get(index, str(index).encode()).decode("utf-8", "replace"))
         elif "@hal.command_buffer.dispatch" in line and "vm.call" in line and function:
             per_function[function] += 1
-    return per_function, kernels
+        elif "@hal.fence.await" in line and "vm.call" in line and function:
+            waits[function] += 1
+    return per_function, waits, kernels
 
 
 def inspect_vmfb(path: Path) -> dict:
@@ -135,10 +143,11 @@ def inspect_vmfb(path: Path) -> dict:
     # Without a disassembly, fall back to the (possibly truncated) strings of the sections table.
     strings += re.findall(r"^\s+\.rodata\[\s*\d+\] embedded\s+\d+ bytes `([^`]*)`", dump, re.M)
     formats = sorted({s for s in strings if _FORMAT.fullmatch(s)})
-    per_function, kernels = _bytecode(dump, rodata)
+    per_function, waits, kernels = _bytecode(dump, rodata)
     digest = re.search(rf"^\s+{SOURCE_DIGEST_KEY}: (\w+)$", dump, re.M)
     for f in functions:
         f["dispatches"] = per_function.get(f["name"], 0)
+        f["waits"] = waits.get(f["name"], 0)
     return {
         "path": str(path),
         "functions": functions,
@@ -198,7 +207,8 @@ def format_vmfb(info: dict) -> str:
     lines.append("functions:")
     width = max((len(f["name"]) for f in info["functions"]), default=0)
     for f in info["functions"]:
-        count = f"{f.get('dispatches', 0):>5} dispatches" if "dispatches" in f else ""
+        waits = f"{f['waits']} wait{'' if f['waits'] == 1 else 's'}"
+        count = f"{f['dispatches']:>5} dispatches  {waits:<7}" if "dispatches" in f else ""
         lines.append(f"  {f['name']:<{width}}  {count}  {_short(f['signature'])}")
     return "\n".join(lines)
 

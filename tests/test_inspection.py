@@ -68,6 +68,18 @@ def test_the_generation_module_records_command_buffers_at_load(tiny_build):
     assert f"{info['dispatches_at_load']} of the sites run at load" in inspection.format_vmfb(info)
 
 
+def test_no_call_waits_for_the_device_before_its_end(cpu, metal, tiny_build):
+    # A wait midway idles a GPU while the host reads a value back: a row's
+    # position kept on the device did that, as did JAX's threefry (a loop IREE
+    # runs on the host) and an optimization barrier in the sampler.
+    generation = [inspection.inspect_vmfb(tiny_build / f"gpt2-generate-{name}.vmfb") for name in ("cpu", "metal")]
+    for info in (cpu, metal, *generation):
+        waits = {f["name"]: f["waits"] for f in info["functions"]}
+        assert max(waits.values()) == 1, waits
+        assert all(waits[name] == 1 for name in ("prefill", *DECODE)), waits
+    assert "dispatches  1 wait " in inspection.format_vmfb(cpu) and "dispatches  0 waits " in inspection.format_vmfb(cpu)
+
+
 def test_each_module_carries_the_digest_of_the_export_it_was_compiled_from(cpu, metal, tiny_build):
     # What the runtime compares with the manifest's, to refuse a stale module.
     manifest = json.loads((tiny_build / "manifest.json").read_text())
