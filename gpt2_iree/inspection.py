@@ -208,8 +208,7 @@ def format_vmfb(info: dict) -> str:
     width = max((len(f["name"]) for f in info["functions"]), default=0)
     for f in info["functions"]:
         waits = f"{f['waits']} wait{'' if f['waits'] == 1 else 's'}"
-        count = f"{f['dispatches']:>5} dispatches  {waits:<7}" if "dispatches" in f else ""
-        lines.append(f"  {f['name']:<{width}}  {count}  {_short(f['signature'])}")
+        lines.append(f"  {f['name']:<{width}}  {f['dispatches']:>5} dispatches  {waits:<7}  {_short(f['signature'])}")
     return "\n".join(lines)
 
 

@@ -452,7 +452,10 @@ def sample(logits, key, temperature, top_k, top_p):
     computed and one picked per row, greedy rows too: IREE 3.13's vectorizer
     crashes on a sampler under a lax.cond at batch 1.
     """
-    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    # The padded vocabulary stays at NEG_INF whatever the temperature: divided
+    # by one above 2, it would pass for real logits in the threshold search,
+    # whose range would then be too wide to find a threshold in.
+    scaled = jnp.where(logits > NEG_INF / 2, logits / jnp.maximum(temperature, 1e-6)[:, None], NEG_INF)
     # No optimization barrier between the search and the draw: IREE's stream
     # dialect runs one on the host, after a wait for the device. The
     # bisection that came before this search needed one on the SPIR-V path,
@@ -468,11 +471,13 @@ def sample(logits, key, temperature, top_k, top_p):
 
 def _gumbel_noise(key, vocab):
     """Gumbel noise (B,V) from each row's key (B,2), and the keys for the next
-    draw: threefry of the key at counters (i, 0) for the noise and (0, 1) for
-    the next key, all distinct, so that every output is independent."""
+    draw: threefry of the key at counters (i, 0) for the noise, two words
+    each, and (0, 1) for the next key, all distinct, so that every output is
+    independent. `vocab` is even (padded to a multiple of 64)."""
     words = jax.lax.bitcast_convert_type(key, jnp.uint32)
     k = (words[:, :1], words[:, 1:])
-    bits, _ = threefry2x32(k, (jnp.arange(vocab, dtype=jnp.uint32)[None], jnp.zeros((1, 1), jnp.uint32)))
+    bits = jnp.concatenate(threefry2x32(k, (jnp.arange(vocab // 2, dtype=jnp.uint32)[None],
+                                            jnp.zeros((1, 1), jnp.uint32))), axis=1)
     next_key = jnp.concatenate(threefry2x32(k, (jnp.zeros((1, 1), jnp.uint32), jnp.ones((1, 1), jnp.uint32))),
                                axis=1)
     # The top 23 bits as a float in [1, 2), less 1: uniform on [0, 1).

@@ -15,14 +15,15 @@ from gpt2_iree.targets import get_target, on_vulkan
 GPT2_VOCAB, GPT2_WIDTH = 50257, 768
 
 
-def _run_on_vulkan(fn, args, tmp_path, target=None, int8=False):
+def _run_on_vulkan(fn, args, tmp_path, target=None, int8=False, generation=False):
     """fn(*args) as a module compiled like gpt2-metal-on-vulkan.vmfb (or for
-    `target`; `int8`: as a generation module with int8 weights), run on Vulkan."""
+    `target`; `generation`: as a generation module, `int8`: one with int8
+    weights), run on Vulkan."""
     import iree.runtime as rt
 
     (tmp_path / "fn.mlir").write_text(jax.jit(fn).lower(*args).as_text())
     compiler.compile_module(toolchain.iree_compile(), tmp_path / "fn.mlir", target or on_vulkan(get_target("metal")),
-                            tmp_path / "fn.vmfb", tmp_path / "fn.log", generation=int8, int8=int8)
+                            tmp_path / "fn.vmfb", tmp_path / "fn.log", generation=generation or int8, int8=int8)
     config = rt.Config(device=open_device("vulkan"))
     context = rt.SystemContext(config=config)
     vm_module = rt.VmModule.mmap(config.vm_instance, str(tmp_path / "fn.vmfb"))
@@ -68,12 +69,15 @@ def test_the_sampler_draws_as_jax_does_over_the_full_vocabulary(vulkan, tmp_path
         return *model.sample(logits, key, temperature, top_k, top_p), model._greedy(logits)
 
     args = (wte, x, key, temperature, top_k, top_p)
-    sampled, next_key, greedy = _run_on_vulkan(tokens, args, tmp_path)
     want_sampled, want_key, want_greedy = (np.asarray(t) for t in jax.jit(tokens)(*args))
-    assert greedy.tolist() == want_greedy.tolist()
-    assert sampled[top_k == 1].tolist() == greedy[top_k == 1].tolist()
-    assert sampled.tolist() == want_sampled.tolist()
-    assert next_key.tolist() == want_key.tolist()
+    for name in ("metal", "vulkan"):  # as the generation modules are built, whose sampler is the one that runs
+        target = get_target(name) if name == "vulkan" else on_vulkan(get_target(name))
+        (tmp_path / name).mkdir()
+        sampled, next_key, greedy = _run_on_vulkan(tokens, args, tmp_path / name, target, generation=True)
+        assert greedy.tolist() == want_greedy.tolist(), name
+        assert sampled[top_k == 1].tolist() == greedy[top_k == 1].tolist(), name
+        assert sampled.tolist() == want_sampled.tolist(), name
+        assert next_key.tolist() == want_key.tolist(), name
 
 
 def test_the_thresholds_keep_the_top_k_tokens_and_the_smallest_nucleus_that_sorting_finds():
@@ -88,6 +92,23 @@ def test_the_thresholds_keep_the_top_k_tokens_and_the_smallest_nucleus_that_sort
     descending = -np.sort(-probabilities / probabilities.sum(-1, keepdims=True), axis=-1)
     nucleus = [int(np.searchsorted(np.cumsum(row), p)) + 1 for row, p in zip(descending, top_p)]
     assert (scaled >= p_threshold).sum(-1).tolist() == nucleus
+
+
+def test_top_k_and_top_p_hold_at_any_temperature():
+    # Divided by a temperature above 2, the padded vocabulary's NEG_INF once
+    # passed for real logits, and the threshold search then let every token in.
+    rng = np.random.default_rng(0)
+    logits = np.full((256, 50304), model.NEG_INF, np.float32)
+    logits[:, :GPT2_VOCAB] = 3 * rng.standard_normal(GPT2_VOCAB)
+    keys = model.seeded_keys(jnp.arange(256, dtype=jnp.int32))
+    top5 = set(np.argsort(-logits[0])[:5].tolist())
+    for temperature in (0.5, 3.0, 100.0):
+        settings = (jnp.full(256, temperature), jnp.full(256, 5, jnp.int32), jnp.ones(256))
+        drawn, _ = jax.jit(model.sample)(logits, keys, *settings)
+        assert set(np.asarray(drawn).tolist()) <= top5, temperature
+        settings = (jnp.full(256, temperature), jnp.zeros(256, jnp.int32), jnp.full(256, 1e-6))
+        drawn, _ = jax.jit(model.sample)(logits, keys, *settings)
+        assert set(np.asarray(drawn).tolist()) == {int(np.argmax(logits[0]))}, temperature
 
 
 def test_the_sampler_s_generator_is_threefry_bit_for_bit_without_a_loop():

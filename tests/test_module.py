@@ -70,6 +70,9 @@ def test_a_module_compiled_from_another_export_is_refused(tiny_build, tmp_path, 
     with pytest.raises(BuildError, match=rf"{name} was compiled from another export than .*build's manifest; "
                                          r"rebuild it with `doit.*targets=cpu`"):
         Module(build, "local-task", generation=generation)
+    del exported["source_digest"]  # as in a build exported before the digest: not checked
+    (build / "manifest.json").write_text(json.dumps(manifest))
+    Module(build, "local-task", generation=generation)
 
 
 def test_a_position_outside_the_context_is_refused(tiny_build):
