@@ -14,7 +14,7 @@ nothing, so its pages cost no memory until an entry writes them.
 
 Every public function carries the module's source digest (`source_digest`)
 in its reflection, which a compiled module keeps: the runtime compares it
-with the manifest's, and so refuses a module compiled from an earlier export.
+with the manifest's, and so refuses a module compiled from another export.
 """
 
 from __future__ import annotations
