@@ -36,14 +36,15 @@ class CompileError(Gpt2IreeError):
 
 
 def compile_module(compiler: str, mlir: Path, target: Target, vmfb: Path, log: Path, generation: bool = False,
-                   lora: bool = False, int8: bool = False, stall_s: float = STALL_S) -> None:
+                   lora: bool = False, int8: bool = False, packed: bool = False, stall_s: float = STALL_S) -> None:
     """Compile `mlir` into `vmfb` (with `generation`, as the target's generation
-    module; with `lora`, as a LoRA build's module; `int8`: one that generates on
-    int8 weights); on failure raise with the log's tail. A compile that stalls
+    module, `packed` the one on packed weights; with `lora`, as a LoRA build's
+    module; `int8`: one that generates on int8 weights); on failure raise with
+    the log's tail. A compile that stalls
     (no CPU time for `stall_s`) is stopped and run once more. The unfinished
     output is removed whatever happens."""
     def compile_to(tmp: Path) -> None:
-        cmd = compile_command(compiler, target, mlir, tmp, generation, lora, int8)
+        cmd = compile_command(compiler, target, mlir, tmp, generation, lora, int8, packed)
         for attempt in (1, 2):
             with open(log, "w") as log_file:
                 log_file.write(shlex.join(cmd) + "\n")
@@ -67,7 +68,8 @@ def compile_module(compiler: str, mlir: Path, target: Target, vmfb: Path, log: P
 def compile_target(compiler: str, build_dir: Path, target: Target) -> None:
     """`compiler` (an iree-compile) builds the target's whole module from
     gpt2.mlir and, where the target has one, its generation module from
-    gpt2-generate.mlir, side by side: one iree-compile keeps about one of this
+    gpt2-generate.mlir (or, for a target with `packed_weights`, the
+    manifest's packed one), side by side: one iree-compile keeps about one of this
     machine's two cores busy. A LoRA build (its manifest names a frozen
     `base`) has one module, compiled with the target's `lora_flags`; a
     module that generates on int8 weights gets the target's `int8_flags` too."""
@@ -75,14 +77,14 @@ def compile_target(compiler: str, build_dir: Path, target: Target) -> None:
     manifest = json.loads((build_dir / "manifest.json").read_text())
     lora = "base" in manifest
     int8 = generate_weights.of_build(manifest) == "int8"
+    generate = None if lora else generate_weights.as_read_by(manifest["generate"], target.packed_weights)
 
     def build(mlir: str, generation: bool) -> None:
         vmfb = vmfb_name(target.name, generation)
         compile_module(compiler, build_dir / mlir, target, build_dir / vmfb, build_dir / log_name(vmfb), generation,
-                       lora, int8)
+                       lora, int8, generation and generate["packed"])
 
-    jobs = [("gpt2.mlir", False)] + \
-        ([("gpt2-generate.mlir", True)] if target.has_generation_module and not lora else [])
+    jobs = [("gpt2.mlir", False)] + ([(generate["mlir"], True)] if target.has_generation_module and generate else [])
     with ThreadPoolExecutor(len(jobs)) as pool:
         futures = [pool.submit(build, *job) for job in jobs]
     for future in futures:

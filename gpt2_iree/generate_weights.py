@@ -14,11 +14,16 @@ product per group (docs/PERFORMANCE.md, "8-bit weights").
 The archive stays float32 and the export writes the converted weights into
 the generation module's own archive, as the runtime converts tuned weights
 into its arena, tensor by tensor (`entry`), with no float32 copy beside them.
+
+`packed`: float16 matrices stored in the CPU's tiles (packed.py), what the
+CPU's generation module reads.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from gpt2_iree import packed as packing
 
 FORMATS = ("float16", "int8")
 # An int8 weight `name` (out, in) has its scales in entry `name + INT8_SCALE`.
@@ -34,11 +39,26 @@ def of_build(manifest: dict) -> str:
     return (manifest["base"] if "base" in manifest else manifest["generate"])["weights_dtype"]
 
 
+def as_read_by(generate: dict, packed_weights: bool) -> dict:
+    """A manifest's "generate" entry as a target's generation module reads it:
+    a target with `packed_weights` (targets.Target) gets the packed module's
+    mlir, archive and source digest where the build has one. "packed" says
+    which it got."""
+    if packed_weights and "packed" in generate:
+        return generate | generate["packed"] | {"packed": True}
+    return generate | {"packed": False}
+
+
 def _quantized(name: str, shape: tuple[int, ...], weights_format: str) -> bool:
     return weights_format == "int8" and len(shape) == 2 and (name.endswith("_w") or name == "wte")
 
 
-def layout(shapes: dict[str, tuple[int, ...]], weights_format: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+def _packed(name: str, shape: tuple[int, ...], weights_format: str, packed: bool) -> bool:
+    return packed and weights_format == "float16" and packing.packable(name, shape)
+
+
+def layout(shapes: dict[str, tuple[int, ...]], weights_format: str,
+           packed: bool = False) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """name -> (shape, dtype) of every entry the generation module reads,
     for float32 weights of `shapes`."""
     out = {}
@@ -47,6 +67,8 @@ def layout(shapes: dict[str, tuple[int, ...]], weights_format: str) -> dict[str,
         if _quantized(name, shape, weights_format):
             out[name] = (shape, np.dtype("int8"))
             out[name + INT8_SCALE] = ((shape[0],), FLOAT16)
+        elif _packed(name, shape, weights_format, packed):
+            out[name] = (packing.packed_shape(shape), FLOAT16)
         else:
             out[name] = (shape, FLOAT16)
     return out
@@ -59,35 +81,41 @@ def _row_scales(w: np.ndarray) -> np.ndarray:
     return np.where(largest > 0, largest / 127, 1).astype(FLOAT16)
 
 
-def entry(weights: dict[str, np.ndarray], name: str, weights_format: str) -> np.ndarray:
+def entry(weights: dict[str, np.ndarray], name: str, weights_format: str, packed: bool = False) -> np.ndarray:
     """Entry `name` of `layout`, made from the float32 `weights`. A weight is
     quantized with its float16-rounded scales, so that q * scale is what it
     was rounded to."""
     if name.endswith(INT8_SCALE):
         return _row_scales(weights[name.removesuffix(INT8_SCALE)])
     w = weights[name]
+    if _packed(name, w.shape, weights_format, packed):
+        return packing.pack(w.astype(FLOAT16))
     if not _quantized(name, w.shape, weights_format):
         return w.astype(FLOAT16)
     scale = _row_scales(w).astype(np.float32)[:, None]
     return np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
 
 
-def converted(weights: dict[str, np.ndarray], weights_format: str) -> dict[str, np.ndarray]:
+def converted(weights: dict[str, np.ndarray], weights_format: str, packed: bool = False) -> dict[str, np.ndarray]:
     """All of `layout`'s entries for `weights`, as the generation archive holds them."""
     shapes = {name: w.shape for name, w in weights.items()}
-    return {name: entry(weights, name, weights_format) for name in layout(shapes, weights_format)}
+    return {name: entry(weights, name, weights_format, packed) for name in layout(shapes, weights_format, packed)}
 
 
 def computed(stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """What the module computes with, from what it stores: int8 as it is,
-    float16 widened to float32. numpy arrays (the weights a JAX reference runs
-    on) or JAX's traced ones (the export's entry points)."""
-    return {name: w if w.dtype == np.int8 else w.astype(np.float32) for name, w in stored.items()}
+    """What the module computes with, from what it stores: int8 as it is, a
+    packed matrix as it is (`model.packed_times` widens it inside the
+    product), other float16 widened to float32. numpy arrays (the weights a
+    JAX reference runs on) or JAX's traced ones (the export's entry points)."""
+    return {name: w if w.dtype == np.int8 or w.ndim == 3 else w.astype(np.float32) for name, w in stored.items()}
 
 
 def widened(stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """float32 weights from what the module stores: int8 times its scales,
-    float16 widened; the weights a float32 module would compute the same with."""
-    return {name: w.astype(np.float32) * stored[name + INT8_SCALE].astype(np.float32)[:, None]
-            if name + INT8_SCALE in stored else w.astype(np.float32)
-            for name, w in stored.items() if not name.endswith(INT8_SCALE)}
+    float16 widened (and unpacked); the weights a float32 module would
+    compute the same with."""
+    def float32(name: str, w: np.ndarray) -> np.ndarray:
+        if name + INT8_SCALE in stored:
+            return w.astype(np.float32) * stored[name + INT8_SCALE].astype(np.float32)[:, None]
+        return (packing.unpack(w) if w.ndim == 3 else w).astype(np.float32)
+    return {name: float32(name, w) for name, w in stored.items() if not name.endswith(INT8_SCALE)}

@@ -209,12 +209,26 @@ def _int8_times_backward(saved, grad):
 _int8_times.defvjp(_int8_times_forward, _int8_times_backward)
 
 
+@jax.jit
+def packed_times(x, packed_w):
+    """x (..., in) times a float16 weight stored packed (packed.py):
+    (out / TILE, in, TILE). JAX runs it as written; a jitted function is a
+    function of its own in the export, whose body the CPU's export replaces
+    with linalg.mmt4d (packed.lowered)."""
+    tiles, inner, tile = packed_w.shape
+    w = jnp.swapaxes(packed_w, 1, 2).reshape(tiles * tile, inner)
+    return jnp.einsum("...e,fe->...f", x, w.astype(x.dtype))
+
+
 def _linear(params, name, x):
-    """x (..., in) times weight `name` (out, in), plus its LoRA adapter if the
-    params carry one: as (x A^T) B^T, never forming B @ A, so the frozen weight
-    is read as it is stored and the adapter costs 2 * rank * (in + out) flops a token."""
+    """x (..., in) times weight `name` (out, in), or stored packed (a 3-D
+    weight, packed.py), plus its LoRA adapter if the params carry one: as
+    (x A^T) B^T, never forming B @ A, so the frozen weight is read as it is
+    stored and the adapter costs 2 * rank * (in + out) flops a token."""
     if name + INT8_SCALE in params:
         y = _int8_times(x, params[name], params[name + INT8_SCALE])
+    elif params[name].ndim == 3:
+        y = packed_times(x, params[name])
     else:
         y = jnp.einsum("...e,fe->...f", x, params[name])
     if name + LORA_A in params:
@@ -316,7 +330,11 @@ _rows.defvjp(_rows_forward, _rows_backward)
 
 
 def _embed(params, tokens, positions):
-    tokens_in = _rows(params["wte"], tokens)
+    wte = params["wte"]
+    if wte.ndim == 3:  # packed (packed.py): row i is column i % TILE of tile i // TILE
+        tokens_in = wte[tokens // wte.shape[2], :, tokens % wte.shape[2]].astype(jnp.float32)
+    else:
+        tokens_in = _rows(wte, tokens)
     if "wte" + INT8_SCALE in params:
         tokens_in = tokens_in.astype(jnp.float32) * params["wte" + INT8_SCALE][tokens][..., None]
     return tokens_in + _rows(params["wpe"], positions)

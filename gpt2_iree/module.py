@@ -26,7 +26,7 @@ from gpt2_iree.devices import (DRIVER_TARGETS, DeviceLostError, available_device
 from gpt2_iree.errors import Gpt2IreeError, first_line
 from gpt2_iree.generation import decode_function
 from gpt2_iree.inspection import SOURCE_DIGEST_KEY
-from gpt2_iree.targets import vmfb_name
+from gpt2_iree.targets import TARGETS, vmfb_name
 
 # What `doit` builds with no vars (tests/test_module.py keeps the two in step).
 DEFAULT_BUILD_DIR = Path("build/gpt2/pretrained-b1-k64-c1024-s128-adafactor")
@@ -128,6 +128,10 @@ class Module:
                                     .get("cache_dtype", "float32"))
         device = choose_device(self.build_dir, device, generation)
         self.target = target or DRIVER_TARGETS[device]
+        # The generation module's files and layout as this target reads them
+        # (a `<target>-on-vulkan` is no entry of TARGETS, and reads GPU layouts).
+        packs = self.target in TARGETS and TARGETS[self.target].packed_weights
+        self._generate = generate_weights.as_read_by(self.manifest["generate"], packs) if generation else None
         vmfb = self._vmfb(self.target)
         if not vmfb.is_file():
             raise BuildError(f"{vmfb} is missing; build it with `{_doit(self.manifest, self.target)}`")
@@ -182,12 +186,17 @@ class Module:
                     raise
                 print(f"gpt2-iree: {lost}; loading it once more, on a new device", file=sys.stderr)
 
+    @property
+    def reads_packed_weights(self) -> bool:
+        """Whether this is a generation module on packed weights (packed.py)."""
+        return bool(self._generate and self._generate["packed"])
+
     def _check_source(self, compiled, vmfb: Path) -> None:
         """Refuse a module compiled from another export than the manifest's:
         doit compiles only the targets it is given, so a module of another
         target can outlive a new export beside it, and its calls would fail
         on their arguments, or compute what the code no longer does."""
-        expected = (self.manifest["generate"] if self.generation else self.manifest).get("source_digest")
+        expected = (self._generate if self.generation else self.manifest).get("source_digest")
         function = compiled.lookup_function("get_state")
         found = function.reflection.get(SOURCE_DIGEST_KEY) if function else None
         if expected and found != expected:  # builds exported before the digest have none
@@ -216,7 +225,7 @@ class Module:
         # (archive, its byte sizes, whether an entry writes its parameters):
         # the whole module's finetune and set_params write `params`.
         if self.generation:
-            generate = self.manifest["generate"]
+            generate = self._generate
             archives = [(self.build_dir / generate["archive"], _stored_sizes(generate, self.manifest["params"]), False)]
         else:
             archives = [(path, _float32_sizes(self.manifest["params"]), True)]
@@ -235,9 +244,10 @@ class Module:
         float16 or int8, tensor by tensor as it is copied), and that copy."""
         if not self.generation:
             return device_memory.index_of_arrays(weights)
-        weights_format = self.manifest["generate"]["weights_dtype"]
-        return device_memory.index_of_weights(generate_weights.layout(dict(self.manifest["params"]), weights_format),
-                                              lambda name: generate_weights.entry(weights, name, weights_format))
+        weights_format, packed = self._generate["weights_dtype"], self._generate["packed"]
+        return device_memory.index_of_weights(
+            generate_weights.layout(dict(self.manifest["params"]), weights_format, packed),
+            lambda name: generate_weights.entry(weights, name, weights_format, packed))
 
     def _check_sizes(self, sizes: dict[str, int], expected: dict[str, int], subject: str) -> None:
         """Refuse weights whose keys or byte sizes differ from the module's
@@ -374,9 +384,10 @@ def _float32_sizes(params: list) -> dict[str, int]:
 
 def _stored_sizes(stored: dict, params: list) -> dict[str, int]:
     """name -> bytes of each entry of the archive a manifest's `stored` entry
-    (its "generate" or "base") names: `params` ([name, shape] of the float32
-    weights) in its weights_dtype."""
-    return device_memory.byte_sizes(generate_weights.layout(dict(params), stored["weights_dtype"]))
+    (its "generate" as a target reads it, or "base") names: `params` ([name,
+    shape] of the float32 weights) in its weights_dtype (and layout)."""
+    return device_memory.byte_sizes(generate_weights.layout(dict(params), stored["weights_dtype"],
+                                                            stored.get("packed", False)))
 
 
 def _int32(*arrays) -> list[np.ndarray]:

@@ -320,7 +320,8 @@ def rounding_cost(cfg, rounded: dict, exact: dict, length: int, cache_dtype: np.
 def check_generation_parity(module, seed: int = 0) -> dict:
     """Run the generation entry points on the generation `module` and on JAX
     with the same weights, float16-rounded or int8 (generate_weights.py),
-    computed with as the module does; also report what the rounding costs
+    stored and computed with as the module does (packed, packed.py, where the
+    module is); also report what the rounding costs
     over a whole context (`rounding_cost`)."""
     import jax.numpy as jnp
 
@@ -329,8 +330,8 @@ def check_generation_parity(module, seed: int = 0) -> dict:
     cfg = model.GPT2Config(**module.manifest["config"])
     dtype = module.manifest["generate"]["weights_dtype"]
     weights = module.archive_weights()
-    params = {name: jnp.asarray(v) for name, v in
-              generate_weights.computed(generate_weights.converted(weights, dtype)).items()}
+    params = {name: jnp.asarray(v) for name, v in generate_weights.computed(
+        generate_weights.converted(weights, dtype, module.reads_packed_weights)).items()}
     report = _check_generation(module, params, seed)
     tolerance = INT8_TOLERANCE if dtype == "int8" else TOLERANCE
     return _judged(report | {

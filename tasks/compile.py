@@ -32,13 +32,16 @@ def task_compile():
             "name": name,
             "doc": f"gpt2-{name}.vmfb: {target.description}",
             "actions": [call(ENTRY, cfg.toolchain_json, cfg.build_dir, name)],
-            "file_dep": [*(cfg.build_dir / mlir for mlir in mlir_outputs(lora)), cfg.toolchain_json, *SOURCES,
+            "file_dep": [*(cfg.build_dir / mlir for mlir in mlir_outputs(lora, cfg.generate_weights)),
+                         cfg.toolchain_json, *SOURCES,
                          *flag_files(target)],
             "targets": [cfg.build_dir / f for f in outputs(target, lora) if f.endswith(".vmfb")],
             "uptodate": [config_changed({"flags": target.flags, "training_flags": target.training_flags,
                                          **({"lora_flags": target.lora_flags} if lora else
                                             {"generate_flags": target.generate_flags,
                                              **({"int8_flags": target.int8_flags}
-                                                if cfg.generate_weights == "int8" else {})})})],
+                                                if cfg.generate_weights == "int8" else {}),
+                                             **({"packed_flags": target.packed_flags}
+                                                if target.packed_weights else {})})})],
             "clean": [(remove_outputs, [cfg.build_dir, outputs(target, lora)])],
         }

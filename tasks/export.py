@@ -2,6 +2,7 @@
 
 from doit.tools import config_changed
 
+from gpt2_iree.targets import packed_generation
 from tasks.actions import call_with_toolchain, remove_outputs
 from tasks.config import load_config
 from tasks.sources import library_sources
@@ -12,21 +13,28 @@ ENTRY = "gpt2_iree.export:build"
 SOURCES = library_sources(ENTRY)
 
 
-def mlir_outputs(lora: bool) -> tuple[str, ...]:
-    """The modules' MLIR an export writes: a LoRA build has one module."""
-    return ("gpt2.mlir",) if lora else ("gpt2.mlir", "gpt2-generate.mlir")
+def mlir_outputs(lora: bool, generate_weights: str) -> tuple[str, ...]:
+    """The modules' MLIR an export writes: a LoRA build has one module; a full
+    build a generation module too, and on float16 weights a second one on
+    packed weights, for the targets that read them (the CPU)."""
+    if lora:
+        return ("gpt2.mlir",)
+    packed = ("gpt2-generate-packed.mlir",) if packed_generation(lora, generate_weights) else ()
+    return ("gpt2.mlir", "gpt2-generate.mlir", *packed)
 
 
-def outputs(lora: bool) -> tuple[str, ...]:
+def outputs(lora: bool, generate_weights: str) -> tuple[str, ...]:
     """Everything an export writes but the tokenizer; a LoRA build's frozen
-    weights, and a full build's generation weights, have their own (float16) archive."""
-    return (*mlir_outputs(lora), "base.irpa" if lora else "gpt2-generate.irpa", "gpt2.irpa", "manifest.json")
+    weights, and a full build's generation weights, have their own archive."""
+    archives = ("base.irpa",) if lora else (
+        "gpt2-generate.irpa", *(("gpt2-generate-packed.irpa",) if packed_generation(lora, generate_weights) else ()))
+    return (*mlir_outputs(lora, generate_weights), *archives, "gpt2.irpa", "manifest.json")
 
 
 def task_export():
     """gpt2.mlir (encode, decode, finetune, eval_loss, get/set_params, get/set_opt_state) + gpt2.irpa + manifest.json"""
     cfg = load_config()
-    written = outputs(cfg.lora is not None)
+    written = outputs(cfg.lora is not None, cfg.generate_weights)
     return {
         # The module is built with iree.compiler and the archive written with
         # iree.runtime: the toolchain's, so a source build exports with its own.

@@ -309,7 +309,7 @@ def test_what_would_be_lost_is_refused(tiny_build, tmp_path, capsys):
         assert main(["finetune", "--build-dir", str(tiny_build), "--text", SENTENCE, *args]) == 2
         return capsys.readouterr().err
 
-    for own in ("gpt2.irpa", "gpt2-generate.irpa"):
+    for own in ("gpt2.irpa", "gpt2-generate.irpa", "gpt2-generate-packed.irpa"):
         assert "is the build's own archive, its input" in refused("--out", str(tiny_build / own))
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("years of work")

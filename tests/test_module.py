@@ -63,14 +63,17 @@ def test_a_module_compiled_from_another_export_is_refused(tiny_build, tmp_path, 
     build = tmp_path / "build"
     shutil.copytree(tiny_build, build, symlinks=True)
     manifest = json.loads((build / "manifest.json").read_text())
-    exported = manifest["generate"] if generation else manifest
-    exported["source_digest"] = "0123456789abcdef"
+    # The CPU's generation module is the export on packed weights.
+    exported = [manifest["generate"], manifest["generate"]["packed"]] if generation else [manifest]
+    for export in exported:
+        export["source_digest"] = "0123456789abcdef"
     (build / "manifest.json").write_text(json.dumps(manifest))
     name = "gpt2-generate-cpu.vmfb" if generation else "gpt2-cpu.vmfb"
     with pytest.raises(BuildError, match=rf"{name} was compiled from another export than .*build's manifest; "
                                          r"rebuild it with `doit.*targets=cpu`"):
         Module(build, "local-task", generation=generation)
-    del exported["source_digest"]  # as in a build exported before the digest: not checked
+    for export in exported:  # as in a build exported before the digest: not checked
+        del export["source_digest"]
     (build / "manifest.json").write_text(json.dumps(manifest))
     Module(build, "local-task", generation=generation)
 
@@ -222,7 +225,7 @@ def test_the_cpu_maps_an_archive_only_where_its_weights_stay_constant(tiny_build
     # The whole module copies the weights it trains into buffers of its own: a
     # mapping of the archive would keep the file's pages resident beside them
     # (497 MB for 124M). Weights that no entry writes are used where they are
-    # mapped: the generation module's float16 archive, a LoRA build's base.
+    # mapped: the generation module's float16 archive (the CPU's, packed), a LoRA build's base.
     def mapped(path) -> bool:
         return any(line.rstrip().endswith(str(path)) for line in open("/proc/self/maps"))
 
@@ -233,14 +236,14 @@ def test_the_cpu_maps_an_archive_only_where_its_weights_stay_constant(tiny_build
     generation = Module(full, "local-task", generation=True)
     tuned_elsewhere = Module(full, "local-task", params=tmp_path / "full" / "gpt2.irpa", generation=True)
     adapted = Module(lora, "local-task")
-    assert not mapped(full / "gpt2.irpa") and mapped(full / "gpt2-generate.irpa")
+    assert not mapped(full / "gpt2.irpa") and mapped(full / "gpt2-generate-packed.irpa")
     assert mapped(lora / "base.irpa") and not mapped(lora / "gpt2.irpa")
 
     streamed, stored = whole.get_params(), archive.read_irpa(full / "gpt2.irpa")
     for name, value in stored.items():
         np.testing.assert_array_equal(streamed[name].ravel(), value.ravel())
     # The generation module computes on the same float16 weights whether they
-    # come from its archive or are made on the host from a float32 one.
+    # come from its archive or are made (and packed) on the host from a float32 one.
     def logits(module):
         module.seed(np.array([0]), np.array([1]))
         module.prefill(np.arange(64)[None], np.array([64]), np.array([0]), ((0.0,), (0,), (1.0,)))
