@@ -116,8 +116,9 @@ def _check_finetune_outputs(args) -> None:
             check_output_file(option, path)
     if args.out:
         manifest = read_manifest(args.build_dir)
-        own = ("gpt2.irpa", *(manifest[group]["archive"] for group in ("base", "generate") if group in manifest),
-               *([manifest["generate"]["packed"]["archive"]] if "packed" in manifest.get("generate", {}) else []))
+        stored = [manifest[group] for group in ("base", "generate") if group in manifest]
+        own = ("gpt2.irpa", *(entry["archive"] for entry in stored),
+               *(entry["packed"]["archive"] for entry in stored if "packed" in entry))
         if args.out.resolve() in {(args.build_dir / name).resolve() for name in own}:
             raise Gpt2IreeError(f"--out {args.out} is the build's own archive, its input; give another file")
     for option, out_dir, files in (("--export-hf", args.export_hf, models.MODEL_FILES),

@@ -68,8 +68,9 @@ def compile_module(compiler: str, mlir: Path, target: Target, vmfb: Path, log: P
 def compile_target(compiler: str, build_dir: Path, target: Target) -> None:
     """`compiler` (an iree-compile) builds the target's whole module from
     gpt2.mlir and, where the target has one, its generation module from
-    gpt2-generate.mlir (or, for a target with `packed_weights`, the
-    manifest's packed one), side by side: one iree-compile keeps about one of this
+    gpt2-generate.mlir (for a target with `packed_weights`, the manifest's
+    module on packed weights where it has one, as for a LoRA build's
+    gpt2.mlir), side by side: one iree-compile keeps about one of this
     machine's two cores busy. A LoRA build (its manifest names a frozen
     `base`) has one module, compiled with the target's `lora_flags`; a
     module that generates on int8 weights gets the target's `int8_flags` too."""
@@ -77,14 +78,16 @@ def compile_target(compiler: str, build_dir: Path, target: Target) -> None:
     manifest = json.loads((build_dir / "manifest.json").read_text())
     lora = "base" in manifest
     int8 = generate_weights.of_build(manifest) == "int8"
-    generate = None if lora else generate_weights.as_read_by(manifest["generate"], target.packed_weights)
+    # The module that reads the weights as constants, as this target reads it: plain or packed.
+    constant = generate_weights.as_read_by(manifest["base" if lora else "generate"], target.packed_weights)
 
     def build(mlir: str, generation: bool) -> None:
         vmfb = vmfb_name(target.name, generation)
         compile_module(compiler, build_dir / mlir, target, build_dir / vmfb, build_dir / log_name(vmfb), generation,
-                       lora, int8, generation and generate["packed"])
+                       lora, int8, (generation or lora) and constant["packed"])
 
-    jobs = [("gpt2.mlir", False)] + ([(generate["mlir"], True)] if target.has_generation_module and generate else [])
+    jobs = [(constant["mlir"] if lora else "gpt2.mlir", False)] + \
+        ([(constant["mlir"], True)] if target.has_generation_module and not lora else [])
     with ThreadPoolExecutor(len(jobs)) as pool:
         futures = [pool.submit(build, *job) for job in jobs]
     for future in futures:

@@ -28,13 +28,15 @@ mapped and read in place, and no call changes them. The CPU's float16
 module, gpt2-generate-packed.mlir, reads its matrices from an archive of its
 own too (gpt2-generate-packed.irpa), stored in the tiles its kernels stream
 (packed.py): a 124M decode step takes 18 ms there, as fast as data tiling
-made it (25 untiled), without the packed copy data tiling made at load. After fine-tuning, the runtime opens it
-again on the new weights, made float16 (and packed) on the host.
+made it (25 untiled), without the packed copy data tiling made at load.
+After fine-tuning, the runtime opens it again on the new weights, made
+float16 (and packed) on the host.
 
 A LoRA build (`tuning`) has `@gpt2` alone, with the same entry points: its
 `params` are the adapters (gpt2.irpa), and a `base` group that no entry
 writes holds the model's weights, float16 or int8 as a generation module's
-(generate_weights.py), from base.irpa.
+(generate_weights.py), from base.irpa; on float16, the CPU's module is
+gpt2-packed.mlir, on the base packed (base-packed.irpa).
 """
 
 from __future__ import annotations
@@ -51,16 +53,14 @@ from gpt2_iree import generate_weights, lora, model, packed, stateful
 from gpt2_iree.archive import write_irpa
 from gpt2_iree.files import replace_atomically, sha256_file, write_json, write_text
 from gpt2_iree.generation import decode_function
-from gpt2_iree.targets import packed_generation
+from gpt2_iree.targets import packed_name, packs_weights
 
 MODULE_NAME = "gpt2"
 GENERATE_MODULE_NAME = "gpt2_generate"
 GENERATE_DTYPE = np.dtype("float16")
+MODULE_MLIR = "gpt2.mlir"
 GENERATE_MLIR = "gpt2-generate.mlir"
 GENERATE_ARCHIVE = "gpt2-generate.irpa"
-# The CPU's generation module, on packed weights (packed.py).
-PACKED_GENERATE_MLIR = "gpt2-generate-packed.mlir"
-PACKED_GENERATE_ARCHIVE = "gpt2-generate-packed.irpa"
 
 
 def generate_functions(shapes: model.Shapes) -> list[str]:
@@ -213,9 +213,10 @@ def entries(cfg: model.GPT2Config, shapes: model.Shapes, optimizer: str, params,
 
 
 def initial_state(cfg: model.GPT2Config, shapes: model.Shapes, optimizer: str, params,
-                  tuning: lora.Lora | None = None, base=None, weights_format: str = "float16") -> dict:
+                  tuning: lora.Lora | None = None, base=None, weights_format: str = "float16",
+                  packed_weights: bool = False) -> dict:
     return {
-        **({"base": _stored(base, weights_format)} if tuning else {}),
+        **({"base": _stored(base, weights_format, packed_weights)} if tuning else {}),
         "params": params,
         **generation_state(cfg, shapes, cache_dtype(tuning)),
         "opt": model.make_optimizer(optimizer).init(params),
@@ -230,13 +231,16 @@ def opt_state_layout(optimizer: str, params) -> list[list]:
 
 
 def export_mlir(cfg: model.GPT2Config, shapes: model.Shapes, optimizer: str, params,
-                tuning: lora.Lora | None = None, base=None, weights_format: str = "float16") -> str:
+                tuning: lora.Lora | None = None, base=None, weights_format: str = "float16",
+                packed_weights: bool = False) -> str:
     """The text of `@gpt2`. Only the shapes of `params` (and `base`) matter here.
     With `tuning`, `params` are the adapters and `base` the frozen weights,
-    read from their archive in `weights_format`."""
-    state = initial_state(cfg, shapes, optimizer, params, tuning, base, weights_format)
+    read from their archive in `weights_format` (`packed_weights`: packed.py's
+    layout, multiplied by linalg.mmt4d: the CPU's module)."""
+    state = initial_state(cfg, shapes, optimizer, params, tuning, base, weights_format, packed_weights)
     groups = ("base", "params") if tuning else ("params",)
-    return stateful.build_module(MODULE_NAME, state, groups, entries(cfg, shapes, optimizer, params, tuning))
+    text = stateful.build_module(MODULE_NAME, state, groups, entries(cfg, shapes, optimizer, params, tuning))
+    return packed.lowered(text, model.packed_times.__name__) if packed_weights else text
 
 
 def export_generate_mlir(cfg: model.GPT2Config, shapes: model.Shapes, params, weights_format: str = "float16",
@@ -279,38 +283,50 @@ def export_build(out_dir: Path, name: str, cfg: model.GPT2Config, params: dict, 
     (what finetune trains), tokenizer.json and manifest.json; and
     gpt2-generate.mlir and its weights in `weights_format` (gpt2-generate.irpa), or with
     `tuning` (LoRA) base.irpa, the frozen weights in `weights_format`, which
-    its one module both tunes and generates on.
+    its one module both tunes and generates on; in float16 also that module
+    and its archive on the weights packed (`packs_weights`, packed.py).
 
     The manifest is what the runtime reads to open the build, and what later
     stages depend on instead of hashing the (large) archives again.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     trained = lora.init_adapters(cfg, tuning) if tuning else params
-    module_text = export_mlir(cfg, shapes, optimizer, trained, tuning, params if tuning else None, weights_format)
-    write_text(out_dir / "gpt2.mlir", module_text)
-    if not tuning:
-        generate_text = export_generate_mlir(cfg, shapes, params, weights_format)
-        write_text(out_dir / GENERATE_MLIR, generate_text)
-    write_irpa(generate_weights.converted(params, weights_format), out_dir / (BASE_ARCHIVE if tuning else GENERATE_ARCHIVE),
-               dtype=None)
-    packs = packed_generation(tuning is not None, weights_format)
-    if packs:
-        packed_text = export_generate_mlir(cfg, shapes, params, weights_format, packed_weights=True)
-        write_text(out_dir / PACKED_GENERATE_MLIR, packed_text)
-        write_irpa(generate_weights.converted(params, weights_format, packed=True), out_dir / PACKED_GENERATE_ARCHIVE,
+
+    def constant_weights_module(packed_weights: bool) -> str:
+        """The text of the module that reads `params` as constants: a LoRA
+        build's one module, else the generation module."""
+        if tuning:
+            return export_mlir(cfg, shapes, optimizer, trained, tuning, params, weights_format, packed_weights)
+        return export_generate_mlir(cfg, shapes, params, weights_format, packed_weights)
+
+    # That module and its archive of the weights; in float16 also both again
+    # with the weights packed (packed.py), for the targets that read them so.
+    mlir, archive = (MODULE_MLIR, BASE_ARCHIVE) if tuning else (GENERATE_MLIR, GENERATE_ARCHIVE)
+    constant_text = constant_weights_module(packed_weights=False)
+    write_text(out_dir / mlir, constant_text)
+    write_irpa(generate_weights.converted(params, weights_format), out_dir / archive, dtype=None)
+    packed_record = {}
+    if packs_weights(weights_format):
+        packed_text = constant_weights_module(packed_weights=True)
+        write_text(out_dir / packed_name(mlir), packed_text)
+        write_irpa(generate_weights.converted(params, weights_format, packed=True), out_dir / packed_name(archive),
                    dtype=None)
+        packed_record = {"packed": {"mlir": packed_name(mlir), "archive": packed_name(archive),
+                                    "source_digest": stateful.source_digest(packed_text)}}
+    module_text = constant_text if tuning else export_mlir(cfg, shapes, optimizer, trained)
+    if not tuning:
+        write_text(out_dir / MODULE_MLIR, module_text)
     write_irpa(trained, out_dir / "gpt2.irpa")
     if tokenizer:
         replace_atomically(out_dir / "tokenizer.json", lambda tmp: shutil.copyfile(tokenizer, tmp))
-    modules = {"base": {"archive": BASE_ARCHIVE, "weights_dtype": weights_format,
+    # "packed": what a target with packed_weights reads instead (generate_weights.as_read_by).
+    modules = {"base": {"archive": BASE_ARCHIVE, "mlir": MODULE_MLIR, "weights_dtype": weights_format,
                         "params": [[k, list(params[k].shape)] for k in sorted(params)],
-                        "sha256": sha256_file(out_dir / BASE_ARCHIVE)}} if tuning else {
+                        "sha256": sha256_file(out_dir / BASE_ARCHIVE),
+                        "source_digest": stateful.source_digest(module_text), **packed_record}} if tuning else {
         "generate": {"module": GENERATE_MODULE_NAME, "mlir": GENERATE_MLIR, "functions": generate_functions(shapes),
-                     "source_digest": stateful.source_digest(generate_text), "archive": GENERATE_ARCHIVE,
-                     "weights_dtype": weights_format, "cache_dtype": cache_dtype(None).name,
-                     # What a target whose generation module reads packed weights reads instead.
-                     **({"packed": {"mlir": PACKED_GENERATE_MLIR, "archive": PACKED_GENERATE_ARCHIVE,
-                                    "source_digest": stateful.source_digest(packed_text)}} if packs else {})}}
+                     "source_digest": stateful.source_digest(constant_text), "archive": GENERATE_ARCHIVE,
+                     "weights_dtype": weights_format, "cache_dtype": cache_dtype(None).name, **packed_record}}
     write_json(out_dir / "manifest.json", {
         "model": name,
         "config": dataclasses.asdict(cfg),

@@ -15,8 +15,8 @@ The archive stays float32 and the export writes the converted weights into
 the generation module's own archive, as the runtime converts tuned weights
 into its arena, tensor by tensor (`entry`), with no float32 copy beside them.
 
-`packed`: float16 matrices stored in the CPU's tiles (packed.py), what the
-CPU's generation module reads.
+`packed`: float16 matrices stored in the CPU's tiles (packed.py), as the
+CPU's generation module, or a LoRA build's module there, reads them.
 """
 
 from __future__ import annotations
@@ -39,14 +39,14 @@ def of_build(manifest: dict) -> str:
     return (manifest["base"] if "base" in manifest else manifest["generate"])["weights_dtype"]
 
 
-def as_read_by(generate: dict, packed_weights: bool) -> dict:
-    """A manifest's "generate" entry as a target's generation module reads it:
-    a target with `packed_weights` (targets.Target) gets the packed module's
-    mlir, archive and source digest where the build has one. "packed" says
-    which it got."""
-    if packed_weights and "packed" in generate:
-        return generate | generate["packed"] | {"packed": True}
-    return generate | {"packed": False}
+def as_read_by(stored: dict, packed_weights: bool) -> dict:
+    """A manifest's entry for constant weights ("generate", or a LoRA build's
+    "base") as a target's module reads them: a target with `packed_weights`
+    (targets.Target) gets the packed module's mlir, archive and source
+    digest where the build has one. "packed" says which it got."""
+    if packed_weights and "packed" in stored:
+        return stored | stored["packed"] | {"packed": True}
+    return stored | {"packed": False}
 
 
 def _quantized(name: str, shape: tuple[int, ...], weights_format: str) -> bool:
@@ -110,6 +110,11 @@ def computed(stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {name: w if w.dtype == np.int8 or w.ndim == 3 else w.astype(np.float32) for name, w in stored.items()}
 
 
+def unpacked(stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What the module stores, each packed matrix back in its plain layout."""
+    return {name: packing.unpack(w) if w.ndim == 3 else w for name, w in stored.items()}
+
+
 def widened(stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """float32 weights from what the module stores: int8 times its scales,
     float16 widened (and unpacked); the weights a float32 module would
@@ -117,5 +122,6 @@ def widened(stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     def float32(name: str, w: np.ndarray) -> np.ndarray:
         if name + INT8_SCALE in stored:
             return w.astype(np.float32) * stored[name + INT8_SCALE].astype(np.float32)[:, None]
-        return (packing.unpack(w) if w.ndim == 3 else w).astype(np.float32)
+        return w.astype(np.float32)
+    stored = unpacked(stored)
     return {name: float32(name, w) for name, w in stored.items() if not name.endswith(INT8_SCALE)}

@@ -220,6 +220,29 @@ def packed_times(x, packed_w):
     return jnp.einsum("...e,fe->...f", x, w.astype(x.dtype))
 
 
+@jax.custom_vjp
+def _packed_product(x, packed_w):
+    """packed_times, with a gradient for x of its own. Differentiated as it
+    is, JAX splits the jitted function into one that also returns the weight
+    unpacked and widened for the backward pass: another signature, which
+    packed.lowered must not replace, and a float32 copy of the base. A packed
+    weight is frozen (a LoRA build's base), so it gets no gradient."""
+    return packed_times(x, packed_w)
+
+
+def _packed_product_forward(x, packed_w):
+    return packed_times(x, packed_w), packed_w
+
+
+def _packed_product_backward(packed_w, grad):
+    tiles, _, tile = packed_w.shape
+    by_tile = grad.reshape(*grad.shape[:-1], tiles, tile)
+    return jnp.einsum("...tj,tej->...e", by_tile, packed_w.astype(grad.dtype)), None
+
+
+_packed_product.defvjp(_packed_product_forward, _packed_product_backward)
+
+
 def _linear(params, name, x):
     """x (..., in) times weight `name` (out, in), or stored packed (a 3-D
     weight, packed.py), plus its LoRA adapter if the params carry one: as
@@ -228,7 +251,7 @@ def _linear(params, name, x):
     if name + INT8_SCALE in params:
         y = _int8_times(x, params[name], params[name + INT8_SCALE])
     elif params[name].ndim == 3:
-        y = packed_times(x, params[name])
+        y = _packed_product(x, params[name])
     else:
         y = jnp.einsum("...e,fe->...f", x, params[name])
     if name + LORA_A in params:

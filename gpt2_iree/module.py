@@ -128,10 +128,13 @@ class Module:
                                     .get("cache_dtype", "float32"))
         device = choose_device(self.build_dir, device, generation)
         self.target = target or DRIVER_TARGETS[device]
-        # The generation module's files and layout as this target reads them
-        # (a `<target>-on-vulkan` is no entry of TARGETS, and reads GPU layouts).
+        # The files and layout of the weights this module reads as constants
+        # (the generation module's, a LoRA build's base) as this target reads
+        # them: plain or packed. A `<target>-on-vulkan` is no entry of
+        # TARGETS, and reads a GPU's layout.
         packs = self.target in TARGETS and TARGETS[self.target].packed_weights
-        self._generate = generate_weights.as_read_by(self.manifest["generate"], packs) if generation else None
+        stored = "generate" if generation else "base" if "base" in self.manifest else None
+        self._constant = generate_weights.as_read_by(self.manifest[stored], packs) if stored else None
         vmfb = self._vmfb(self.target)
         if not vmfb.is_file():
             raise BuildError(f"{vmfb} is missing; build it with `{_doit(self.manifest, self.target)}`")
@@ -188,15 +191,15 @@ class Module:
 
     @property
     def reads_packed_weights(self) -> bool:
-        """Whether this is a generation module on packed weights (packed.py)."""
-        return bool(self._generate and self._generate["packed"])
+        """Whether this module reads its constant weights packed (packed.py)."""
+        return bool(self._constant and self._constant["packed"])
 
     def _check_source(self, compiled, vmfb: Path) -> None:
         """Refuse a module compiled from another export than the manifest's:
         doit compiles only the targets it is given, so a module of another
         target can outlive a new export beside it, and its calls would fail
         on their arguments, or compute what the code no longer does."""
-        expected = (self._generate if self.generation else self.manifest).get("source_digest")
+        expected = (self._constant or self.manifest).get("source_digest")
         function = compiled.lookup_function("get_state")
         found = function.reflection.get(SOURCE_DIGEST_KEY) if function else None
         if expected and found != expected:  # builds exported before the digest have none
@@ -225,12 +228,12 @@ class Module:
         # (archive, its byte sizes, whether an entry writes its parameters):
         # the whole module's finetune and set_params write `params`.
         if self.generation:
-            generate = self._generate
+            generate = self._constant
             archives = [(self.build_dir / generate["archive"], _stored_sizes(generate, self.manifest["params"]), False)]
         else:
             archives = [(path, _float32_sizes(self.manifest["params"]), True)]
         if "base" in self.manifest:
-            base = self.manifest["base"]
+            base = self._constant
             archives.append((self.build_dir / base["archive"], _stored_sizes(base, base["params"]), False))
         for archive, expected, _ in archives:
             self._check_sizes({key: entry.length for key, entry in load_index(archive).items()}, expected,
@@ -244,7 +247,7 @@ class Module:
         float16 or int8, tensor by tensor as it is copied), and that copy."""
         if not self.generation:
             return device_memory.index_of_arrays(weights)
-        weights_format, packed = self._generate["weights_dtype"], self._generate["packed"]
+        weights_format, packed = self._constant["weights_dtype"], self._constant["packed"]
         return device_memory.index_of_weights(
             generate_weights.layout(dict(self.manifest["params"]), weights_format, packed),
             lambda name: generate_weights.entry(weights, name, weights_format, packed))
@@ -335,17 +338,18 @@ class Module:
         return {name: weights[name].reshape(shape) for name, shape in self.manifest["params"]}
 
     def stored_base(self) -> dict[str, np.ndarray] | None:
-        """A LoRA build's frozen weights as its archive stores them (float16, or
-        int8 and their scales: generate_weights.layout), shaped; None for a
+        """A LoRA build's frozen weights as the archive this module reads stores
+        them (float16, packed or not, or int8 and their scales:
+        generate_weights.layout), shaped; None for a
         full build. `generate_weights.computed` of them is what the module adds
         the adapters to, `generate_weights.widened` the float32 weights."""
         from gpt2_iree.archive import read_irpa
 
         if "base" not in self.manifest:
             return None
-        base = self.manifest["base"]
+        base = self._constant
         raw = read_irpa(self.build_dir / base["archive"], np.uint8)
-        layout = generate_weights.layout(dict(base["params"]), base["weights_dtype"])
+        layout = generate_weights.layout(dict(base["params"]), base["weights_dtype"], base["packed"])
         return {name: raw[name].view(dtype).reshape(shape) for name, (shape, dtype) in layout.items()}
 
     @_on_device

@@ -13,8 +13,9 @@ the tile contiguous. `model.packed_times` multiplies by one, and JAX runs it
 as written, an einsum over the tiles; in the CPU's export its body becomes
 `linalg.mmt4d` (`lowered`), the op data tiling itself produces, which IREE
 then compiles to the same kernels. Nothing is packed at load and the archive
-is mapped as it is. GPUs read the plain layout: data tiling doesn't apply
-there.
+is mapped as it is. A LoRA build's float16 base is stored the same way: its
+module could not be data-tiled at all, and decoded on untiled products.
+GPUs read the plain layout: data tiling doesn't apply there.
 """
 
 from __future__ import annotations

@@ -57,9 +57,10 @@ class Target:
     # generation module's, a LoRA build's base) is compiled for
     # (`int8_flags`), where it differs from the target's.
     int8_gpu: str | None = None
-    # Whether the generation module reads its float16 matrices packed into
-    # its kernels' tiles (packed.py) where the build has them
-    # (`packed_generation`), compiled with `packed_flags` after `generate_flags`.
+    # Whether the module that reads constant float16 matrices (the generation
+    # module, a LoRA build's one module) reads them packed into the kernels'
+    # tiles (packed.py) where the build has them (`packs_weights`), compiled
+    # with `packed_flags` after `generate_flags` or `lora_flags`.
     packed_weights: bool = False
     packed_flags: tuple[str, ...] = ()
 
@@ -197,11 +198,17 @@ TARGETS: dict[str, Target] = {
             generate_flags=("--iree-opt-data-tiling", "--iree-llvmcpu-enable-ukernels=all"),
             # Stored packed, the float16 matrices need no packing at load,
             # and the module no second copy of them: 124M generation peaks
-            # at 372 MB instead of 608, decodes in 18.0 ms instead of 19.1.
-            # Split reduction would cut the products' long reductions (the
-            # MLP's 3072) into 128 pieces: 815 us for one that takes 277.
+            # at 372 MB instead of 608, decodes in 18.0 ms instead of 19.1;
+            # a LoRA build decodes in 18.5 ms instead of 30. Split reduction
+            # would cut the products' long reductions (the MLP's 3072) into
+            # 128 pieces: 815 us for one that takes 277. A LoRA step's
+            # gradient multiplies by the base transposed back to (out, in);
+            # hoisted, those transposes of constants are made at load, a
+            # second copy of the base (+231 MB); in the step they are
+            # transients, made one product at a time.
             packed_weights=True,
-            packed_flags=("--iree-dispatch-creation-enable-split-reduction=false",),
+            packed_flags=("--iree-dispatch-creation-enable-split-reduction=false",
+                          "--iree-opt-const-expr-hoisting=false"),
             training_flags=_cpu_training_flags(),
             # A LoRA module is not data-tiled. With split reduction too, the
             # 124M module fails to compile ("operand #1 does not dominate this
@@ -300,11 +307,19 @@ def on_vulkan(target: Target) -> Target:
                   int8_gpu=target.int8_gpu)
 
 
-def packed_generation(lora: bool, weights_format: str) -> bool:
-    """Whether a build has the generation module on packed weights that a
-    target with `packed_weights` compiles: a full build on float16 weights
-    (int8 ones are packed at load)."""
-    return not lora and weights_format == "float16"
+def packs_weights(weights_format: str) -> bool:
+    """Whether a build also exports, for the targets with `packed_weights`,
+    the module that reads its constant weights (the generation module, a
+    LoRA build's one module) on them packed: on float16 weights (int8 ones
+    are packed at load)."""
+    return weights_format == "float16"
+
+
+def packed_name(name: str) -> str:
+    """The file name of the packed variant of a module's MLIR or archive `name`
+    (`packs_weights`): gpt2.mlir -> gpt2-packed.mlir, base.irpa -> base-packed.irpa."""
+    stem, suffix = name.rsplit(".", 1)
+    return f"{stem}-packed.{suffix}"
 
 
 def flag_files(target: Target) -> list[Path]:
@@ -329,13 +344,13 @@ def compile_command(compiler: str, target: Target, input_path: str | Path, outpu
                     generation: bool = False, lora: bool = False, int8: bool = False,
                     packed: bool = False) -> list[str]:
     """argv of `compiler` (an iree-compile binary) building `target`'s whole
-    module from `input_path`, with `generation` its generation module
-    (`packed`: the one on packed weights), with `lora` a LoRA build's module
-    (`int8`: either one generating on int8 weights)."""
+    module from `input_path`, with `generation` its generation module, with
+    `lora` a LoRA build's module (`int8`: either one generating on int8
+    weights; `packed`: either one on packed weights)."""
     flags = list(target.flags)
     for extra in (target.lora_flags if lora else target.generate_flags if generation else (),
                   target.int8_flags if (generation or lora) and int8 else (),
-                  target.packed_flags if generation and packed else ()):
+                  target.packed_flags if (generation or lora) and packed else ()):
         replaced = {flag.split("=", 1)[0] for flag in extra}
         flags = [flag for flag in flags if flag.split("=", 1)[0] not in replaced] + list(extra)
     training = () if generation else target.training_flags

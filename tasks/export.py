@@ -2,7 +2,7 @@
 
 from doit.tools import config_changed
 
-from gpt2_iree.targets import packed_generation
+from gpt2_iree.targets import packed_name, packs_weights
 from tasks.actions import call_with_toolchain, remove_outputs
 from tasks.config import load_config
 from tasks.sources import library_sources
@@ -14,21 +14,22 @@ SOURCES = library_sources(ENTRY)
 
 
 def mlir_outputs(lora: bool, generate_weights: str) -> tuple[str, ...]:
-    """The modules' MLIR an export writes: a LoRA build has one module; a full
-    build a generation module too, and on float16 weights a second one on
-    packed weights, for the targets that read them (the CPU)."""
-    if lora:
-        return ("gpt2.mlir",)
-    packed = ("gpt2-generate-packed.mlir",) if packed_generation(lora, generate_weights) else ()
-    return ("gpt2.mlir", "gpt2-generate.mlir", *packed)
+    """The modules' MLIR an export writes: a LoRA build has one module, a full
+    build a generation module too; on float16 weights the one that reads them
+    as constants (the LoRA module, the generation module) again on them
+    packed, for the targets that read them so (the CPU)."""
+    constant = "gpt2.mlir" if lora else "gpt2-generate.mlir"
+    packed = (packed_name(constant),) if packs_weights(generate_weights) else ()
+    return ("gpt2.mlir", *(() if lora else (constant,)), *packed)
 
 
 def outputs(lora: bool, generate_weights: str) -> tuple[str, ...]:
     """Everything an export writes but the tokenizer; a LoRA build's frozen
-    weights, and a full build's generation weights, have their own archive."""
-    archives = ("base.irpa",) if lora else (
-        "gpt2-generate.irpa", *(("gpt2-generate-packed.irpa",) if packed_generation(lora, generate_weights) else ()))
-    return (*mlir_outputs(lora, generate_weights), *archives, "gpt2.irpa", "manifest.json")
+    weights, and a full build's generation weights, have their own archive
+    (in float16, two: plain and packed)."""
+    constant = "base.irpa" if lora else "gpt2-generate.irpa"
+    packed = (packed_name(constant),) if packs_weights(generate_weights) else ()
+    return (*mlir_outputs(lora, generate_weights), constant, *packed, "gpt2.irpa", "manifest.json")
 
 
 def task_export():

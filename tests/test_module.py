@@ -225,7 +225,7 @@ def test_the_cpu_maps_an_archive_only_where_its_weights_stay_constant(tiny_build
     # The whole module copies the weights it trains into buffers of its own: a
     # mapping of the archive would keep the file's pages resident beside them
     # (497 MB for 124M). Weights that no entry writes are used where they are
-    # mapped: the generation module's float16 archive (the CPU's, packed), a LoRA build's base.
+    # mapped: the generation module's float16 archive, a LoRA build's base (on the CPU, packed).
     def mapped(path) -> bool:
         return any(line.rstrip().endswith(str(path)) for line in open("/proc/self/maps"))
 
@@ -237,7 +237,7 @@ def test_the_cpu_maps_an_archive_only_where_its_weights_stay_constant(tiny_build
     tuned_elsewhere = Module(full, "local-task", params=tmp_path / "full" / "gpt2.irpa", generation=True)
     adapted = Module(lora, "local-task")
     assert not mapped(full / "gpt2.irpa") and mapped(full / "gpt2-generate-packed.irpa")
-    assert mapped(lora / "base.irpa") and not mapped(lora / "gpt2.irpa")
+    assert mapped(lora / "base-packed.irpa") and not mapped(lora / "gpt2.irpa")
 
     streamed, stored = whole.get_params(), archive.read_irpa(full / "gpt2.irpa")
     for name, value in stored.items():

@@ -56,3 +56,17 @@ def test_lowering_a_module_without_the_product_says_so():
     text = jax.jit(lambda x: x + 1).lower(jax.ShapeDtypeStruct((2,), jnp.float32)).as_text()
     with pytest.raises(ValueError, match="no function 'packed_times' to lower"):
         packed.lowered(text, "packed_times")
+
+
+def test_the_gradient_through_a_packed_weight_is_the_plain_ones():
+    # A LoRA build's adapters learn through its frozen base, packed on the CPU.
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 3, 64)), jnp.float32)
+    w = rng.standard_normal((48, 64)).astype(np.float16)
+
+    def loss(x, weight):
+        return jnp.sum(jnp.tanh(model._linear({"h.0.mlp.in_w": weight}, "h.0.mlp.in_w", x)))
+
+    plain = jax.grad(loss)(x, jnp.asarray(w, jnp.float32))
+    tiled = jax.grad(loss)(x, jnp.asarray(packed.pack(w)))
+    np.testing.assert_allclose(np.asarray(tiled), np.asarray(plain), rtol=1e-5, atol=1e-6)
