@@ -80,13 +80,14 @@ def compile_target(compiler: str, build_dir: Path, target: Target) -> None:
     int8 = generate_weights.of_build(manifest) == "int8"
     # The module that reads the weights as constants, as this target reads it: plain or packed.
     constant = generate_weights.as_read_by(manifest["base" if lora else "generate"], target.packed_weights)
+    whole = constant["mlir"] if lora and constant["packed"] else "gpt2.mlir"
 
     def build(mlir: str, generation: bool) -> None:
         vmfb = vmfb_name(target.name, generation)
         compile_module(compiler, build_dir / mlir, target, build_dir / vmfb, build_dir / log_name(vmfb), generation,
                        lora, int8, (generation or lora) and constant["packed"])
 
-    jobs = [(constant["mlir"] if lora else "gpt2.mlir", False)] + \
+    jobs = [(whole, False)] + \
         ([(constant["mlir"], True)] if target.has_generation_module and not lora else [])
     with ThreadPoolExecutor(len(jobs)) as pool:
         futures = [pool.submit(build, *job) for job in jobs]

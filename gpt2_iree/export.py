@@ -320,10 +320,9 @@ def export_build(out_dir: Path, name: str, cfg: model.GPT2Config, params: dict, 
     if tokenizer:
         replace_atomically(out_dir / "tokenizer.json", lambda tmp: shutil.copyfile(tokenizer, tmp))
     # "packed": what a target with packed_weights reads instead (generate_weights.as_read_by).
-    modules = {"base": {"archive": BASE_ARCHIVE, "mlir": MODULE_MLIR, "weights_dtype": weights_format,
+    modules = {"base": {"archive": BASE_ARCHIVE, "weights_dtype": weights_format,
                         "params": [[k, list(params[k].shape)] for k in sorted(params)],
-                        "sha256": sha256_file(out_dir / BASE_ARCHIVE),
-                        "source_digest": stateful.source_digest(module_text), **packed_record}} if tuning else {
+                        "sha256": sha256_file(out_dir / BASE_ARCHIVE), **packed_record}} if tuning else {
         "generate": {"module": GENERATE_MODULE_NAME, "mlir": GENERATE_MLIR, "functions": generate_functions(shapes),
                      "source_digest": stateful.source_digest(constant_text), "archive": GENERATE_ARCHIVE,
                      "weights_dtype": weights_format, "cache_dtype": cache_dtype(None).name, **packed_record}}

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gpt2_iree import adafactor
+from gpt2_iree import adafactor, packed
 from gpt2_iree.generate_weights import INT8_SCALE
 
 # Logits of masked positions and padded vocabulary ids: far below any real
@@ -215,9 +215,7 @@ def packed_times(x, packed_w):
     (out / TILE, in, TILE). JAX runs it as written; a jitted function is a
     function of its own in the export, whose body the CPU's export replaces
     with linalg.mmt4d (packed.lowered)."""
-    tiles, inner, tile = packed_w.shape
-    w = jnp.swapaxes(packed_w, 1, 2).reshape(tiles * tile, inner)
-    return jnp.einsum("...e,fe->...f", x, w.astype(x.dtype))
+    return jnp.einsum("...e,fe->...f", x, packed.unpack(packed_w).astype(x.dtype))
 
 
 @jax.custom_vjp

@@ -199,7 +199,10 @@ class Module:
         doit compiles only the targets it is given, so a module of another
         target can outlive a new export beside it, and its calls would fail
         on their arguments, or compute what the code no longer does."""
-        expected = (self._constant or self.manifest).get("source_digest")
+        # A generation module, or a LoRA module on packed weights, is an export
+        # of its own; a LoRA build's plain module is the manifest's.
+        own = self._constant if self.generation or self.reads_packed_weights else self.manifest
+        expected = own.get("source_digest")
         function = compiled.lookup_function("get_state")
         found = function.reflection.get(SOURCE_DIGEST_KEY) if function else None
         if expected and found != expected:  # builds exported before the digest have none
