@@ -81,10 +81,18 @@ def _i32(*shape):
 
 def cache_dtype(tuning: lora.Lora | None) -> np.dtype:
     """What `@gpt2` keeps K and V in: float16 in a LoRA build, whose point is
-    memory (its base is float16 too), else float32, as `@gpt2_generate` does
-    for speed: IREE 3.13's attention over a float16 cache is slower on the CPU
-    (docs/PERFORMANCE.md)."""
+    memory (its base is float16 too), else float32, the dtype it trains in."""
     return GENERATE_DTYPE if tuning else np.dtype("float32")
+
+
+def generation_cache_dtype(weights_format: str) -> np.dtype:
+    """What `@gpt2_generate` keeps K and V in: float16 on float16 weights,
+    half the cache's memory (80 MB of float32 for 124M at context 1024, a
+    fifth of what generation holds); float32 on int8 weights, whose module
+    the CPU data-tiles: that tiling would pack each step's float16 K/V
+    window again, 10 ms of a 124M decode step at position 900
+    (docs/PERFORMANCE.md)."""
+    return GENERATE_DTYPE if weights_format == "float16" else np.dtype("float32")
 
 
 def generation_state(cfg: model.GPT2Config, shapes: model.Shapes, kv_dtype: np.dtype = np.dtype("float32")) -> dict:
@@ -252,7 +260,7 @@ def export_generate_mlir(cfg: model.GPT2Config, shapes: model.Shapes, params, we
     1,076 MB for 124M against 600. With `packed_weights` its float16
     matrices are packed.py's, multiplied by linalg.mmt4d: the CPU's module."""
     state = {"weights": _stored(params, weights_format, packed_weights),
-             **generation_state(cfg, shapes, cache_dtype(None))}
+             **generation_state(cfg, shapes, generation_cache_dtype(weights_format))}
     table = _generation(cfg, shapes, ("weights",), generate_weights.computed)
     text = stateful.build_module(GENERATE_MODULE_NAME, state, ("weights",),
                                  [table[n] for n in generate_functions(shapes)])
@@ -325,7 +333,8 @@ def export_build(out_dir: Path, name: str, cfg: model.GPT2Config, params: dict, 
                         "sha256": sha256_file(out_dir / BASE_ARCHIVE), **packed_record}} if tuning else {
         "generate": {"module": GENERATE_MODULE_NAME, "mlir": GENERATE_MLIR, "functions": generate_functions(shapes),
                      "source_digest": stateful.source_digest(constant_text), "archive": GENERATE_ARCHIVE,
-                     "weights_dtype": weights_format, "cache_dtype": cache_dtype(None).name, **packed_record}}
+                     "weights_dtype": weights_format, "cache_dtype": generation_cache_dtype(weights_format).name,
+                     **packed_record}}
     write_json(out_dir / "manifest.json", {
         "model": name,
         "config": dataclasses.asdict(cfg),

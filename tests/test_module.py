@@ -195,11 +195,12 @@ def test_a_cpu_module_never_loads_vulkan(tiny_build, vulkan, tmp_path):
     assert _loads_vulkan(opened.format(str(tiny_build), "None"))  # a vulkan module: lavapipe is probed, and refused
 
 
-def test_a_lora_module_keeps_its_kv_cache_in_float16(tiny_build, tiny_lora_build):
-    # Half the cache's memory where memory is the point; the full build's
-    # modules keep float32, which IREE's CPU attention runs faster.
-    for build, generation, dtype in ((tiny_build, False, np.float32), (tiny_build, True, np.float32),
-                                     (tiny_lora_build, False, np.float16)):
+def test_modules_on_float16_weights_keep_their_kv_cache_in_float16(tiny_build, tiny_lora_build, tiny_int8_build):
+    # Half the cache's memory wherever the weights are float16 constants. The
+    # full build's whole module trains in float32; the int8 generation module,
+    # data-tiled on the CPU, would pack a float16 window at every step.
+    for build, generation, dtype in ((tiny_build, False, np.float32), (tiny_build, True, np.float16),
+                                     (tiny_lora_build, False, np.float16), (tiny_int8_build, True, np.float32)):
         module = Module(build, "local-task", generation=generation)
         state = module.get_state()
         assert module.cache_dtype == dtype

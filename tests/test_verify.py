@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from gpt2_iree import verify
@@ -69,6 +70,17 @@ def test_structure_check_names_missing_functions(tiny_build):
     report = verify.check_structure(tiny_build / "gpt2-metal.vmfb", "metal-msl-fb", ["prefill", "beam_search"],
                                     runtime_tool("iree-dump-module"))
     assert not report["passed"] and report["missing_functions"] == ["beam_search"]
+
+
+def test_kv_that_round_to_neighbouring_float16_values_agree():
+    # The module and JAX can round a K or V that lies on a float16 boundary
+    # to either neighbour; a kernel that is wrong moves it further.
+    float16 = np.dtype("float16")
+    expected = np.linspace(-3, 3, 1001, dtype=np.float32).astype(float16)
+    neighbour = np.nextafter(expected, float16.type(np.inf))
+    assert verify.relative_error(neighbour, expected) > verify.TOLERANCE
+    assert verify.cache_error(neighbour, expected, float16) == 0
+    assert verify.cache_error(np.nextafter(neighbour, float16.type(np.inf)), expected, float16) > verify.TOLERANCE
 
 
 def test_rounding_cost_follows_the_config_it_is_given():
