@@ -24,11 +24,12 @@ between calls.
 The module `@gpt2_generate` (gpt2-generate.mlir) exports only the generation
 entries (prefill, decode_<W>, decode_greedy_<W>, seed, get_state), at half the memory traffic: its
 weights are float16, from an archive of their own (gpt2-generate.irpa) that is
-mapped and read in place, and no call changes them. The CPU's float16
-module, gpt2-generate-packed.mlir, reads its matrices from an archive of its
-own too (gpt2-generate-packed.irpa), stored in the tiles its kernels stream
-(packed.py): a 124M decode step takes 18 ms there, as fast as data tiling
-made it (25 untiled), without the packed copy data tiling made at load.
+mapped and read in place, and no call changes them. The CPU's module,
+gpt2-generate-packed.mlir, reads its float16 or int8 matrices from an
+archive of its own too (gpt2-generate-packed.irpa), stored in the tiles its
+kernels stream (packed.py): a 124M float16 decode step takes 16.5 ms
+there, faster than data tiling made it (19; 25 untiled), without the
+packed copy data tiling made at load.
 After fine-tuning, the runtime opens it again on the new weights, made
 float16 (and packed) on the host.
 
@@ -81,18 +82,10 @@ def _i32(*shape):
 
 def cache_dtype(tuning: lora.Lora | None) -> np.dtype:
     """What `@gpt2` keeps K and V in: float16 in a LoRA build, whose point is
-    memory (its base is float16 too), else float32, the dtype it trains in."""
+    memory, as `@gpt2_generate` always does (80 MB of float32 for 124M at
+    context 1024, a fifth of what generation holds); else float32, the
+    dtype it trains in."""
     return GENERATE_DTYPE if tuning else np.dtype("float32")
-
-
-def generation_cache_dtype(weights_format: str) -> np.dtype:
-    """What `@gpt2_generate` keeps K and V in: float16 on float16 weights,
-    half the cache's memory (80 MB of float32 for 124M at context 1024, a
-    fifth of what generation holds); float32 on int8 weights, whose module
-    the CPU data-tiles: that tiling would pack each step's float16 K/V
-    window again, 10 ms of a 124M decode step at position 900
-    (docs/PERFORMANCE.md)."""
-    return GENERATE_DTYPE if weights_format == "float16" else np.dtype("float32")
 
 
 def generation_state(cfg: model.GPT2Config, shapes: model.Shapes, kv_dtype: np.dtype = np.dtype("float32")) -> dict:
@@ -248,7 +241,7 @@ def export_mlir(cfg: model.GPT2Config, shapes: model.Shapes, optimizer: str, par
     state = initial_state(cfg, shapes, optimizer, params, tuning, base, weights_format, packed_weights)
     groups = ("base", "params") if tuning else ("params",)
     text = stateful.build_module(MODULE_NAME, state, groups, entries(cfg, shapes, optimizer, params, tuning))
-    return packed.lowered(text, model.packed_times.__name__) if packed_weights else text
+    return packed.lowered(text, model.PACKED_PRODUCTS) if packed_weights else text
 
 
 def export_generate_mlir(cfg: model.GPT2Config, shapes: model.Shapes, params, weights_format: str = "float16",
@@ -260,11 +253,11 @@ def export_generate_mlir(cfg: model.GPT2Config, shapes: model.Shapes, params, we
     1,076 MB for 124M against 600. With `packed_weights` its float16
     matrices are packed.py's, multiplied by linalg.mmt4d: the CPU's module."""
     state = {"weights": _stored(params, weights_format, packed_weights),
-             **generation_state(cfg, shapes, generation_cache_dtype(weights_format))}
+             **generation_state(cfg, shapes, GENERATE_DTYPE)}
     table = _generation(cfg, shapes, ("weights",), generate_weights.computed)
     text = stateful.build_module(GENERATE_MODULE_NAME, state, ("weights",),
                                  [table[n] for n in generate_functions(shapes)])
-    return packed.lowered(text, model.packed_times.__name__) if packed_weights else text
+    return packed.lowered(text, model.PACKED_PRODUCTS) if packed_weights else text
 
 
 def load_model(model_dir: Path | None, weights: str, shape: dict | None = None):
@@ -291,8 +284,8 @@ def export_build(out_dir: Path, name: str, cfg: model.GPT2Config, params: dict, 
     (what finetune trains), tokenizer.json and manifest.json; and
     gpt2-generate.mlir and its weights in `weights_format` (gpt2-generate.irpa), or with
     `tuning` (LoRA) base.irpa, the frozen weights in `weights_format`, which
-    its one module both tunes and generates on; in float16 also that module
-    and its archive on the weights packed (`packs_weights`, packed.py).
+    its one module both tunes and generates on; and where `packs_weights`,
+    that module and its archive on the weights packed (packed.py).
 
     The manifest is what the runtime reads to open the build, and what later
     stages depend on instead of hashing the (large) archives again.
@@ -307,14 +300,14 @@ def export_build(out_dir: Path, name: str, cfg: model.GPT2Config, params: dict, 
             return export_mlir(cfg, shapes, optimizer, trained, tuning, params, weights_format, packed_weights)
         return export_generate_mlir(cfg, shapes, params, weights_format, packed_weights)
 
-    # That module and its archive of the weights; in float16 also both again
+    # That module and its archive of the weights; where packs_weights, both again
     # with the weights packed (packed.py), for the targets that read them so.
     mlir, archive = (MODULE_MLIR, BASE_ARCHIVE) if tuning else (GENERATE_MLIR, GENERATE_ARCHIVE)
     constant_text = constant_weights_module(packed_weights=False)
     write_text(out_dir / mlir, constant_text)
     write_irpa(generate_weights.converted(params, weights_format), out_dir / archive, dtype=None)
     packed_record = {}
-    if packs_weights(weights_format):
+    if packs_weights(weights_format, tuning is not None):
         packed_text = constant_weights_module(packed_weights=True)
         write_text(out_dir / packed_name(mlir), packed_text)
         write_irpa(generate_weights.converted(params, weights_format, packed=True), out_dir / packed_name(archive),
@@ -333,7 +326,7 @@ def export_build(out_dir: Path, name: str, cfg: model.GPT2Config, params: dict, 
                         "sha256": sha256_file(out_dir / BASE_ARCHIVE), **packed_record}} if tuning else {
         "generate": {"module": GENERATE_MODULE_NAME, "mlir": GENERATE_MLIR, "functions": generate_functions(shapes),
                      "source_digest": stateful.source_digest(constant_text), "archive": GENERATE_ARCHIVE,
-                     "weights_dtype": weights_format, "cache_dtype": generation_cache_dtype(weights_format).name,
+                     "weights_dtype": weights_format, "cache_dtype": GENERATE_DTYPE.name,
                      **packed_record}}
     write_json(out_dir / "manifest.json", {
         "model": name,

@@ -15,8 +15,8 @@ The archive stays float32 and the export writes the converted weights into
 the generation module's own archive, as the runtime converts tuned weights
 into its arena, tensor by tensor (`entry`), with no float32 copy beside them.
 
-`packed`: float16 matrices stored in the CPU's tiles (packed.py), as the
-CPU's generation module, or a LoRA build's module there, reads them.
+`packed`: matrices stored in the CPU's tiles (packed.py), as the CPU's
+generation module, or a LoRA build's module there, reads them.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ FORMATS = ("float16", "int8")
 # module's weights without importing JAX (125 MB resident and ~2 s).
 INT8_SCALE = ".int8_scale"
 FLOAT16 = np.dtype("float16")
+INT8 = np.dtype("int8")
 
 
 def of_build(manifest: dict) -> str:
@@ -53,8 +54,8 @@ def _quantized(name: str, shape: tuple[int, ...], weights_format: str) -> bool:
     return weights_format == "int8" and len(shape) == 2 and (name.endswith("_w") or name == "wte")
 
 
-def _packed(name: str, shape: tuple[int, ...], weights_format: str, packed: bool) -> bool:
-    return packed and weights_format == "float16" and packing.packable(name, shape)
+def _packed(name: str, shape: tuple[int, ...], packed: bool) -> bool:
+    return packed and packing.packable(name, shape)
 
 
 def layout(shapes: dict[str, tuple[int, ...]], weights_format: str,
@@ -64,13 +65,10 @@ def layout(shapes: dict[str, tuple[int, ...]], weights_format: str,
     out = {}
     for name, shape in shapes.items():
         shape = tuple(shape)
-        if _quantized(name, shape, weights_format):
-            out[name] = (shape, np.dtype("int8"))
+        dtype = INT8 if _quantized(name, shape, weights_format) else FLOAT16
+        out[name] = (packing.packed_shape(shape, dtype) if _packed(name, shape, packed) else shape, dtype)
+        if dtype == INT8:
             out[name + INT8_SCALE] = ((shape[0],), FLOAT16)
-        elif _packed(name, shape, weights_format, packed):
-            out[name] = (packing.packed_shape(shape), FLOAT16)
-        else:
-            out[name] = (shape, FLOAT16)
     return out
 
 
@@ -88,12 +86,12 @@ def entry(weights: dict[str, np.ndarray], name: str, weights_format: str, packed
     if name.endswith(INT8_SCALE):
         return _row_scales(weights[name.removesuffix(INT8_SCALE)])
     w = weights[name]
-    if _packed(name, w.shape, weights_format, packed):
-        return packing.pack(w.astype(FLOAT16))
-    if not _quantized(name, w.shape, weights_format):
-        return w.astype(FLOAT16)
-    scale = _row_scales(w).astype(np.float32)[:, None]
-    return np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+    if _quantized(name, w.shape, weights_format):
+        scale = _row_scales(w).astype(np.float32)[:, None]
+        stored = np.clip(np.rint(w / scale), -127, 127).astype(INT8)
+    else:
+        stored = w.astype(FLOAT16)
+    return packing.pack(stored) if _packed(name, w.shape, packed) else stored
 
 
 def converted(weights: dict[str, np.ndarray], weights_format: str, packed: bool = False) -> dict[str, np.ndarray]:
@@ -107,12 +105,12 @@ def computed(stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     packed matrix as it is (`model.packed_times` widens it inside the
     product), other float16 widened to float32. numpy arrays (the weights a
     JAX reference runs on) or JAX's traced ones (the export's entry points)."""
-    return {name: w if w.dtype == np.int8 or w.ndim == 3 else w.astype(np.float32) for name, w in stored.items()}
+    return {name: w if w.dtype == INT8 or w.ndim > 2 else w.astype(np.float32) for name, w in stored.items()}
 
 
 def unpacked(stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """What the module stores, each packed matrix back in its plain layout."""
-    return {name: packing.unpack(w) if w.ndim == 3 else w for name, w in stored.items()}
+    return {name: packing.unpack(w) if w.ndim > 2 else w for name, w in stored.items()}
 
 
 def widened(stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -193,7 +193,10 @@ def _int8_times(x, w, scale):
     amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
     x_scale = jnp.where(amax > 0, amax / 127, 1.0)
     xq = jnp.clip(jnp.round(x / x_scale), -127, 127).astype(jnp.int8)
-    acc = jnp.einsum("...e,fe->...f", xq, w, preferred_element_type=jnp.int32)
+    if w.ndim == 4:  # packed (packed.py): the CPU's generation module
+        acc = packed_int8_times(xq, w)
+    else:
+        acc = jnp.einsum("...e,fe->...f", xq, w, preferred_element_type=jnp.int32)
     return acc.astype(jnp.float32) * x_scale * scale
 
 
@@ -222,6 +225,18 @@ def packed_times(x, packed_w):
     function of its own in the export, whose body the CPU's export replaces
     with linalg.mmt4d (packed.lowered)."""
     return jnp.einsum("...e,fe->...f", x, packed.unpack(packed_w).astype(x.dtype))
+
+
+@jax.jit
+def packed_int8_times(xq, packed_w):
+    """int8 xq (..., in) times an int8 weight stored packed (packed.py): (out /
+    TILE, in / INT8_PAIR, TILE, INT8_PAIR), into int32. As packed_times, the
+    CPU's export replaces its body with linalg.mmt4d."""
+    return jnp.einsum("...e,fe->...f", xq, packed.unpack(packed_w), preferred_element_type=jnp.int32)
+
+
+# The functions whose bodies packed.lowered replaces.
+PACKED_PRODUCTS = (packed_times.__name__, packed_int8_times.__name__)
 
 
 @jax.custom_vjp
@@ -358,8 +373,9 @@ _rows.defvjp(_rows_forward, _rows_backward)
 
 def _embed(params, tokens, positions):
     wte = params["wte"]
-    if wte.ndim == 3:  # packed (packed.py): row i is column i % TILE of tile i // TILE
-        tokens_in = wte[tokens // wte.shape[2], :, tokens % wte.shape[2]].astype(jnp.float32)
+    if wte.ndim > 2:  # packed (packed.py): row i is column i % TILE of tile i // TILE
+        rows = wte[tokens // packed.TILE, :, tokens % packed.TILE]
+        tokens_in = rows.reshape(*tokens.shape, -1).astype(jnp.float32)
     else:
         tokens_in = _rows(wte, tokens)
     if "wte" + INT8_SCALE in params:

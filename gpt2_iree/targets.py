@@ -189,29 +189,25 @@ TARGETS: dict[str, Target] = {
                 # finetune step 2.21 -> 1.55 s (iree-benchmark-module).
                 "--iree-dispatch-creation-enable-split-reduction",
             ),
-            # The generation module's weights are constant, so data tiling
-            # packs them once, at load, into the layout of the ukernels'
-            # matrix-vector products: a 124M decode step 25 -> 9.5 ms (the
-            # same module untiled; the float32 module's step is 20 ms). The
-            # whole module can't: its weights change every step and would be
-            # packed in every call, and `finetune` fails to compile tiled.
-            generate_flags=("--iree-opt-data-tiling", "--iree-llvmcpu-enable-ukernels=all"),
-            # Stored packed, the float16 matrices need no packing at load,
-            # and the module no second copy of them: 124M generation peaks
-            # at 372 MB instead of 608, decodes in 18.0 ms instead of 19.1;
-            # a LoRA build decodes in 18.5 ms instead of 30. Split reduction
-            # would cut the products' long reductions (the MLP's 3072) into
-            # 128 pieces: 815 us for one that takes 277. A LoRA step's
-            # gradient multiplies by the base transposed back to (out, in);
-            # hoisted, those transposes of constants are made at load, a
-            # second copy of the base (+231 MB); in the step they are
-            # transients, made one product at a time. With the products
-            # tiled by hand, data tiling would tile only attention, and pack
-            # each step's float16 K/V window for it: 10.5 ms of a 124M decode
-            # step at position 900 (33.6 ms against 24.6 untiled).
+            # The generation module's weights are constant, so the export
+            # stores them packed in the tiles of the ukernels' matrix-vector
+            # products (`packed_weights`, packed.py): float16 and int8. Data
+            # tiling packed them at load before, a second copy (124M
+            # generation peaked at 608 MB, now 336); with the products tiled
+            # by hand it would tile only attention, and pack each step's K/V
+            # window for it: 10.5 ms of a 124M decode step at position 900
+            # (33.6 ms against 24.6 untiled).
+            generate_flags=("--iree-llvmcpu-enable-ukernels=all",),
+            # A LoRA build decodes on its packed float16 base in 18.5 ms
+            # instead of 30. Split reduction would cut the products' long
+            # reductions (the MLP's 3072) into 128 pieces: 815 us for one
+            # that takes 277. A LoRA step's gradient multiplies by the base
+            # transposed back to (out, in); hoisted, those transposes of
+            # constants are made at load, a second copy of the base (+231
+            # MB); in the step they are transients, made one product at a time.
             packed_weights=True,
             packed_flags=("--iree-dispatch-creation-enable-split-reduction=false",
-                          "--iree-opt-const-expr-hoisting=false", "--iree-opt-data-tiling=false"),
+                          "--iree-opt-const-expr-hoisting=false"),
             training_flags=_cpu_training_flags(),
             # A LoRA module is not data-tiled. With split reduction too, the
             # 124M module fails to compile ("operand #1 does not dominate this
@@ -310,12 +306,13 @@ def on_vulkan(target: Target) -> Target:
                   int8_gpu=target.int8_gpu)
 
 
-def packs_weights(weights_format: str) -> bool:
+def packs_weights(weights_format: str, lora: bool) -> bool:
     """Whether a build also exports, for the targets with `packed_weights`,
     the module that reads its constant weights (the generation module, a
-    LoRA build's one module) on them packed: on float16 weights (int8 ones
-    are packed at load)."""
-    return weights_format == "float16"
+    LoRA build's one module) on them packed: the generation module's, and
+    a LoRA build's float16 base (an int8 base is not packed: x's gradient
+    through it, `model._int8_times_backward`, reads it plain)."""
+    return weights_format == "float16" or not lora
 
 
 def packed_name(name: str) -> str:

@@ -15,20 +15,20 @@ SOURCES = library_sources(ENTRY)
 
 def mlir_outputs(lora: bool, generate_weights: str) -> tuple[str, ...]:
     """The modules' MLIR an export writes: a LoRA build has one module, a full
-    build a generation module too; on float16 weights the one that reads them
-    as constants (the LoRA module, the generation module) again on them
-    packed, for the targets that read them so (the CPU)."""
+    build a generation module too; and the one that reads its weights as
+    constants (the LoRA module, the generation module) again on them packed,
+    for the targets that read them so (the CPU), where `packs_weights`."""
     constant = "gpt2.mlir" if lora else "gpt2-generate.mlir"
-    packed = (packed_name(constant),) if packs_weights(generate_weights) else ()
+    packed = (packed_name(constant),) if packs_weights(generate_weights, lora) else ()
     return ("gpt2.mlir", *(() if lora else (constant,)), *packed)
 
 
 def outputs(lora: bool, generate_weights: str) -> tuple[str, ...]:
     """Everything an export writes but the tokenizer; a LoRA build's frozen
     weights, and a full build's generation weights, have their own archive
-    (in float16, two: plain and packed)."""
+    (two where `packs_weights`: plain and packed)."""
     constant = "base.irpa" if lora else "gpt2-generate.irpa"
-    packed = (packed_name(constant),) if packs_weights(generate_weights) else ()
+    packed = (packed_name(constant),) if packs_weights(generate_weights, lora) else ()
     return (*mlir_outputs(lora, generate_weights), constant, *packed, "gpt2.irpa", "manifest.json")
 
 

@@ -35,25 +35,25 @@ def test_the_layout_is_what_the_conversion_writes(params):
             assert {name: (w.shape, w.dtype) for name, w in stored.items()} == layout
 
 
-def test_packed_float16_stores_the_matrices_in_tiles_and_the_same_numbers(params):
-    plain = generate_weights.converted(params, "float16")
-    stored = generate_weights.converted(params, "float16", packed=True)
-    assert {name for name, w in stored.items() if w.ndim == 3} == \
+@pytest.mark.parametrize("weights_format,tile_rank", [("float16", 3), ("int8", 4)])
+def test_packed_weights_store_the_matrices_in_tiles_and_the_same_numbers(params, weights_format, tile_rank):
+    plain = generate_weights.converted(params, weights_format)
+    stored = generate_weights.converted(params, weights_format, packed=True)
+    assert {name for name, w in stored.items() if w.ndim == tile_rank} == \
         {name for name in params if name == "wte" or name.endswith("_w")}
     widened = generate_weights.widened(stored)
     for name, w in generate_weights.widened(plain).items():
         np.testing.assert_array_equal(widened[name], w, err_msg=name)
-    # int8 weights are packed at load, as before: the flag changes nothing there.
-    int8 = generate_weights.converted(params, "int8", packed=True)
-    assert all(w.ndim < 3 for w in int8.values())
 
 
-def test_a_packed_weight_computes_what_the_plain_one_does(params):
-    """model.py on packed float16 weights (the JAX side of the CPU's module:
-    its products and the embedding's rows) against the plain layout."""
+@pytest.mark.parametrize("weights_format", generate_weights.FORMATS)
+def test_a_packed_weight_computes_what_the_plain_one_does(params, weights_format):
+    """model.py on packed weights (the JAX side of the CPU's module: its
+    products and the embedding's rows) against the plain layout."""
     tokens = jnp.asarray([[1, 17, 40, 255]], jnp.int32)
     logits = {packed: model.forward({k: jnp.asarray(v) for k, v in generate_weights.computed(
-        generate_weights.converted(params, "float16", packed)).items()}, TINY, tokens)[0] for packed in (False, True)}
+        generate_weights.converted(params, weights_format, packed)).items()}, TINY, tokens)[0]
+        for packed in (False, True)}
     np.testing.assert_allclose(np.asarray(logits[True]), np.asarray(logits[False]), rtol=1e-5, atol=1e-5)
 
 

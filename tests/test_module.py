@@ -195,12 +195,12 @@ def test_a_cpu_module_never_loads_vulkan(tiny_build, vulkan, tmp_path):
     assert _loads_vulkan(opened.format(str(tiny_build), "None"))  # a vulkan module: lavapipe is probed, and refused
 
 
-def test_modules_on_float16_weights_keep_their_kv_cache_in_float16(tiny_build, tiny_lora_build, tiny_int8_build):
-    # Half the cache's memory wherever the weights are float16 constants. The
-    # full build's whole module trains in float32; the int8 generation module,
-    # data-tiled on the CPU, would pack a float16 window at every step.
+def test_modules_on_constant_weights_keep_their_kv_cache_in_float16(tiny_build, tiny_lora_build, tiny_int8_build):
+    # Half the cache's memory wherever the weights are constants: every
+    # generation module and a LoRA build's. The full build's whole module
+    # trains in float32.
     for build, generation, dtype in ((tiny_build, False, np.float32), (tiny_build, True, np.float16),
-                                     (tiny_lora_build, False, np.float16), (tiny_int8_build, True, np.float32)):
+                                     (tiny_lora_build, False, np.float16), (tiny_int8_build, True, np.float16)):
         module = Module(build, "local-task", generation=generation)
         state = module.get_state()
         assert module.cache_dtype == dtype

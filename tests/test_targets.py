@@ -289,7 +289,7 @@ def test_compile_command_adds_the_generation_flags():
     cpu = get_target("cpu")
     cmd = compile_command("/bin/iree-compile", cpu, Path("gpt2-generate.mlir"), Path("out.vmfb"), generation=True)
     assert cmd == ["/bin/iree-compile", "gpt2-generate.mlir", *cpu.flags, *cpu.generate_flags, "-o", "out.vmfb"]
-    assert "--iree-opt-data-tiling" in cpu.generate_flags
+    assert "--iree-llvmcpu-enable-ukernels=all" in cpu.generate_flags
     assert vmfb_name("cpu") == "gpt2-cpu.vmfb" and vmfb_name("cpu", generation=True) == "gpt2-generate-cpu.vmfb"
     assert log_name("gpt2-generate-cpu.vmfb") == "gpt2-generate-cpu.compile.log"
 

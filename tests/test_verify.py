@@ -105,15 +105,18 @@ def test_rounding_cost_follows_the_config_it_is_given():
 
 
 def test_an_int8_module_is_held_to_what_float32_rounding_moves_in_jax(tiny_int8_build, tmp_path):
-    """Rounding activations to int8 turns float32 noise into whole int8 steps,
-    so an int8 check measures how far JAX's own result moves by that noise.
-    tiny's moves little: its module is held to the int8 tolerance and equal
-    tokens, and one computing with another epsilon fails by far more."""
+    """Rounding activations to int8 turns float32 noise into whole int8 steps
+    (and a float16 cache's K or V that moves to its neighbour, into more), so
+    an int8 check measures how far JAX's own result moves by that noise and
+    is held to the larger of the int8 tolerance and twice that. tiny's
+    module passes with the tokens JAX picks, and one computing with another
+    epsilon fails by far more."""
     from gpt2_iree.module import Module
 
     report = verify.check_generation_parity(Module(tiny_int8_build, "local-task", generation=True))
-    assert 0 < report["rounding_noise"] < verify.INT8_TOLERANCE and report["tokens_required"]
-    assert report["passed"] and report["tolerance"] == verify.INT8_TOLERANCE and report["tokens_equal"]
+    noise = report["rounding_noise"]
+    assert noise > 0 and report["tolerance"] == max(verify.INT8_TOLERANCE, verify.NOISE_MARGIN * noise)
+    assert report["passed"] and report["tokens_equal"]
 
     wrong = tmp_path / "build"
     shutil.copytree(tiny_int8_build, wrong)
