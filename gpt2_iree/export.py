@@ -250,8 +250,9 @@ def export_generate_mlir(cfg: model.GPT2Config, shapes: model.Shapes, params, we
     (generate_weights.py), are read from an archive of their own
     (GENERATE_ARCHIVE). Converting float32 ones when the module loaded kept
     the float32 archive mapped beside the float16 copy and its packed layout:
-    1,076 MB for 124M against 600. With `packed_weights` its float16
-    matrices are packed.py's, multiplied by linalg.mmt4d: the CPU's module."""
+    1,076 MB for 124M against 600. With `packed_weights` its float16 or
+    int8 matrices are packed.py's, multiplied by linalg.mmt4d: the CPU's
+    module."""
     state = {"weights": _stored(params, weights_format, packed_weights),
              **generation_state(cfg, shapes, GENERATE_DTYPE)}
     table = _generation(cfg, shapes, ("weights",), generate_weights.computed)

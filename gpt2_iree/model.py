@@ -418,7 +418,7 @@ def empty_cache(cfg: GPT2Config, shapes: Shapes, dtype=jnp.float32) -> dict[str,
     random generator's key (threefry's two uint32 words, held as int32:
     IREE's globals are signless). Where each row is, the host keeps.
 
-    A LoRA build and a float16 generation module keep float16 K and V, as
+    A LoRA build and every generation module keep float16 K and V, as
     llama.cpp does by default: half the cache's memory (80 MB of float32 for
     124M at context 1024). Attention still computes in float32, on the
     rounded values."""

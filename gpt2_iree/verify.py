@@ -4,8 +4,9 @@ For a target this host executes, the module is driven as Session drives it
 (generation.Rows) and compared with JAX: a chunked prefill and greedy decode
 steps across a context shift against JAX's full causal forward (tokens equal;
 logits and KV cache within TOLERANCE relative: norm of the difference over
-norm of the reference, for the cache less one step of its dtype per value); sampled steps against the same sampler run by JAX
-(tokens equal), and top-k 1 against greedy; fine-tuning losses, weights, the
+norm of the reference, for the cache less one step of its dtype per value);
+sampled steps against the same sampler run by JAX (tokens equal), and top-k
+1 against greedy; fine-tuning losses, weights, the
 optimizer's state and `eval_loss` within TOLERANCE; and a step from weights
 and optimizer state written back with set_params/set_opt_state must repeat
 the step taken straight on, as a resumed checkpoint does. The generation
