@@ -37,7 +37,8 @@ A LoRA build (`tuning`) has `@gpt2` alone, with the same entry points: its
 `params` are the adapters (gpt2.irpa), and a `base` group that no entry
 writes holds the model's weights, float16 or int8 as a generation module's
 (generate_weights.py), from base.irpa; on float16, the CPU's module is
-gpt2-packed.mlir, on the base packed (base-packed.irpa).
+gpt2-packed.mlir, on the base packed (base-packed.irpa), which holds the
+tied embedding plain too, for fine-tuning (generate_weights.PLAIN_WTE).
 """
 
 from __future__ import annotations
@@ -167,9 +168,11 @@ def _avals(tree):
     return jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v), v.dtype), tree)
 
 
-def _stored(params: dict, weights_format: str, packed_weights: bool = False) -> dict:
-    """The avals of what a module stores of `params` in `weights_format` (`packed_weights`: packed.py's layout)."""
-    layout = generate_weights.layout({k: np.shape(v) for k, v in params.items()}, weights_format, packed_weights)
+def _stored(params: dict, weights_format: str, packed_weights: bool = False, lora_base: bool = False) -> dict:
+    """The avals of what a module stores of `params` in `weights_format`
+    (`packed_weights`: packed.py's layout; `lora_base`: as a LoRA base)."""
+    layout = generate_weights.layout({k: np.shape(v) for k, v in params.items()}, weights_format, packed_weights,
+                                     lora_base)
     return {name: jax.ShapeDtypeStruct(shape, dtype) for name, (shape, dtype) in layout.items()}
 
 
@@ -183,19 +186,20 @@ def entries(cfg: model.GPT2Config, shapes: model.Shapes, optimizer: str, params,
     batch = (_i32(B, S), _i32(B, S), _i32(B))
     frozen = ("base",) if tuning else ()
 
-    def network(*groups):
-        """The frozen groups and the trained params -> the weights model.py computes with."""
-        return lora.network(generate_weights.computed(groups[0]), groups[1], tuning) if tuning else groups[0]
+    def network(*groups, step: bool = False):
+        """The frozen groups and the trained params -> the weights model.py
+        computes with (`step`: a fine-tuning step's, generate_weights.computed)."""
+        return lora.network(generate_weights.computed(groups[0], step), groups[1], tuning) if tuning else groups[0]
 
     def finetune(*args):
         *frozen_groups, params, opt_state, text, target, lengths, learning_rate = args
         params, opt_state, loss = model.train_step(
             params, opt_state, cfg, model.make_optimizer(optimizer, for_iree=True), text, target, lengths,
-            learning_rate, network=lambda trained: network(*frozen_groups, trained))
+            learning_rate, network=lambda trained: network(*frozen_groups, trained, step=True))
         return (params, opt_state), loss
 
     def eval_loss(*args):
-        return (), model.loss_fn(network(*args[:len(frozen) + 1]), cfg, *args[len(frozen) + 1:])
+        return (), model.loss_fn(network(*args[:len(frozen) + 1], step=True), cfg, *args[len(frozen) + 1:])
 
     table = _generation(cfg, shapes, (*frozen, "params"), network) | {
         "finetune": stateful.Entry("finetune", finetune,
@@ -217,7 +221,7 @@ def initial_state(cfg: model.GPT2Config, shapes: model.Shapes, optimizer: str, p
                   tuning: lora.Lora | None = None, base=None, weights_format: str = "float16",
                   packed_weights: bool = False) -> dict:
     return {
-        **({"base": _stored(base, weights_format, packed_weights)} if tuning else {}),
+        **({"base": _stored(base, weights_format, packed_weights, lora_base=True)} if tuning else {}),
         "params": params,
         **generation_state(cfg, shapes, cache_dtype(tuning)),
         "opt": model.make_optimizer(optimizer).init(params),
@@ -311,8 +315,8 @@ def export_build(out_dir: Path, name: str, cfg: model.GPT2Config, params: dict, 
     if packs_weights(weights_format, tuning is not None):
         packed_text = constant_weights_module(packed_weights=True)
         write_text(out_dir / packed_name(mlir), packed_text)
-        write_irpa(generate_weights.converted(params, weights_format, packed=True), out_dir / packed_name(archive),
-                   dtype=None)
+        write_irpa(generate_weights.converted(params, weights_format, packed=True, lora_base=tuning is not None),
+                   out_dir / packed_name(archive), dtype=None)
         packed_record = {"packed": {"mlir": packed_name(mlir), "archive": packed_name(archive),
                                     "source_digest": stateful.source_digest(packed_text)}}
     module_text = constant_text if tuning else export_mlir(cfg, shapes, optimizer, trained)

@@ -16,7 +16,8 @@ the generation module's own archive, as the runtime converts tuned weights
 into its arena, tensor by tensor (`entry`), with no float32 copy beside them.
 
 `packed`: matrices stored in the CPU's tiles (packed.py), as the CPU's
-generation module, or a LoRA build's module there, reads them.
+generation module, or a LoRA build's module there, reads them. A packed
+LoRA base (`lora_base`) stores the tied embedding plain as well (PLAIN_WTE).
 """
 
 from __future__ import annotations
@@ -30,6 +31,13 @@ FORMATS = ("float16", "int8")
 # Defined here, not in model.py, so that the runtime reads a generation
 # module's weights without importing JAX (125 MB resident and ~2 s).
 INT8_SCALE = ".int8_scale"
+# A LoRA step's gradient for x through the LM head reads `wte` as (in, out):
+# from the tiles, IREE transposes a whole copy (77 MB of float16 for 124M),
+# which lives across the step's peak. So a packed LoRA base also stores
+# `wte` plain, which a step reads (`computed(..., step=True)`: its rows and
+# model._frozen_lm_head) and generation does not: a process touches the copy
+# it uses, as the pages of a mapped archive count only once read.
+PLAIN_WTE = "wte.plain"
 FLOAT16 = np.dtype("float16")
 INT8 = np.dtype("int8")
 
@@ -58,10 +66,10 @@ def _packed(name: str, shape: tuple[int, ...], packed: bool) -> bool:
     return packed and packing.packable(name, shape)
 
 
-def layout(shapes: dict[str, tuple[int, ...]], weights_format: str,
-           packed: bool = False) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """name -> (shape, dtype) of every entry the generation module reads,
-    for float32 weights of `shapes`."""
+def layout(shapes: dict[str, tuple[int, ...]], weights_format: str, packed: bool = False,
+           lora_base: bool = False) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """name -> (shape, dtype) of every entry the generation module reads, or
+    with `lora_base` a LoRA build's module, for float32 weights of `shapes`."""
     out = {}
     for name, shape in shapes.items():
         shape = tuple(shape)
@@ -69,6 +77,8 @@ def layout(shapes: dict[str, tuple[int, ...]], weights_format: str,
         out[name] = (packing.packed_shape(shape, dtype) if _packed(name, shape, packed) else shape, dtype)
         if dtype == INT8:
             out[name + INT8_SCALE] = ((shape[0],), FLOAT16)
+    if lora_base and _packed("wte", tuple(shapes["wte"]), packed):
+        out[PLAIN_WTE] = (tuple(shapes["wte"]), FLOAT16)
     return out
 
 
@@ -85,6 +95,8 @@ def entry(weights: dict[str, np.ndarray], name: str, weights_format: str, packed
     was rounded to."""
     if name.endswith(INT8_SCALE):
         return _row_scales(weights[name.removesuffix(INT8_SCALE)])
+    if name == PLAIN_WTE:
+        return weights["wte"].astype(FLOAT16)
     w = weights[name]
     if _quantized(name, w.shape, weights_format):
         scale = _row_scales(w).astype(np.float32)[:, None]
@@ -94,23 +106,29 @@ def entry(weights: dict[str, np.ndarray], name: str, weights_format: str, packed
     return packing.pack(stored) if _packed(name, w.shape, packed) else stored
 
 
-def converted(weights: dict[str, np.ndarray], weights_format: str, packed: bool = False) -> dict[str, np.ndarray]:
-    """All of `layout`'s entries for `weights`, as the generation archive holds them."""
+def converted(weights: dict[str, np.ndarray], weights_format: str, packed: bool = False,
+              lora_base: bool = False) -> dict[str, np.ndarray]:
+    """All of `layout`'s entries for `weights`, as the generation archive (or
+    with `lora_base` a LoRA build's base) holds them."""
     shapes = {name: w.shape for name, w in weights.items()}
-    return {name: entry(weights, name, weights_format, packed) for name in layout(shapes, weights_format, packed)}
+    return {name: entry(weights, name, weights_format, packed)
+            for name in layout(shapes, weights_format, packed, lora_base)}
 
 
-def computed(stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def computed(stored: dict[str, np.ndarray], step: bool = False) -> dict[str, np.ndarray]:
     """What the module computes with, from what it stores: int8 as it is, a
     packed matrix as it is (`model.packed_times` widens it inside the
-    product), other float16 widened to float32. numpy arrays (the weights a
-    JAX reference runs on) or JAX's traced ones (the export's entry points)."""
-    return {name: w if w.dtype == INT8 or w.ndim > 2 else w.astype(np.float32) for name, w in stored.items()}
+    product), other float16 widened to float32; PLAIN_WTE, float16 as
+    well, only for a fine-tuning `step`. numpy arrays (the weights a JAX reference
+    runs on) or JAX's traced ones (the export's entry points)."""
+    return {name: w if w.dtype == INT8 or w.ndim > 2 or name == PLAIN_WTE else w.astype(np.float32)
+            for name, w in stored.items() if step or name != PLAIN_WTE}
 
 
 def unpacked(stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """What the module stores, each packed matrix back in its plain layout."""
-    return {name: packing.unpack(w) if w.ndim > 2 else w for name, w in stored.items()}
+    """What the module stores, each packed matrix back in its plain layout
+    (and PLAIN_WTE, the same as `wte` so, left out)."""
+    return {name: packing.unpack(w) if w.ndim > 2 else w for name, w in stored.items() if name != PLAIN_WTE}
 
 
 def widened(stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -232,12 +232,14 @@ class Module:
         # the whole module's finetune and set_params write `params`.
         if self.generation:
             generate = self._constant
-            archives = [(self.build_dir / generate["archive"], _stored_sizes(generate, self.manifest["params"]), False)]
+            archives = [(self.build_dir / generate["archive"],
+                         _stored_sizes(generate, self.manifest["params"], lora_base=False), False)]
         else:
             archives = [(path, _float32_sizes(self.manifest["params"]), True)]
         if "base" in self.manifest:
             base = self._constant
-            archives.append((self.build_dir / base["archive"], _stored_sizes(base, base["params"]), False))
+            archives.append((self.build_dir / base["archive"], _stored_sizes(base, base["params"], lora_base=True),
+                             False))
         for archive, expected, _ in archives:
             self._check_sizes({key: entry.length for key, entry in load_index(archive).items()}, expected,
                               f"{archive} does")
@@ -352,7 +354,7 @@ class Module:
             return None
         base = self._constant
         raw = read_irpa(self.build_dir / base["archive"], np.uint8)
-        layout = generate_weights.layout(dict(base["params"]), base["weights_dtype"], base["packed"])
+        layout = generate_weights.layout(dict(base["params"]), base["weights_dtype"], base["packed"], lora_base=True)
         return {name: raw[name].view(dtype).reshape(shape) for name, (shape, dtype) in layout.items()}
 
     @_on_device
@@ -389,12 +391,12 @@ def _float32_sizes(params: list) -> dict[str, int]:
     return device_memory.byte_sizes({name: (shape, np.float32) for name, shape in params})
 
 
-def _stored_sizes(stored: dict, params: list) -> dict[str, int]:
+def _stored_sizes(stored: dict, params: list, lora_base: bool) -> dict[str, int]:
     """name -> bytes of each entry of the archive a manifest's `stored` entry
-    (its "generate" as a target reads it, or "base") names: `params` ([name,
-    shape] of the float32 weights) in its weights_dtype (and layout)."""
+    (its "generate" as a target reads it, or with `lora_base` "base") names:
+    `params` ([name, shape] of the float32 weights) in its weights_dtype (and layout)."""
     return device_memory.byte_sizes(generate_weights.layout(dict(params), stored["weights_dtype"],
-                                                            stored.get("packed", False)))
+                                                            stored.get("packed", False), lora_base))
 
 
 def _int32(*arrays) -> list[np.ndarray]:

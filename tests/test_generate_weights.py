@@ -30,9 +30,20 @@ def test_int8_stores_every_matmul_weight_in_a_byte_with_a_scale_per_output_row(p
 def test_the_layout_is_what_the_conversion_writes(params):
     for weights_format in generate_weights.FORMATS:
         for packed in (False, True):
-            stored = generate_weights.converted(params, weights_format, packed)
-            layout = generate_weights.layout({k: v.shape for k, v in params.items()}, weights_format, packed)
-            assert {name: (w.shape, w.dtype) for name, w in stored.items()} == layout
+            for lora_base in (False, True):
+                stored = generate_weights.converted(params, weights_format, packed, lora_base)
+                layout = generate_weights.layout({k: v.shape for k, v in params.items()}, weights_format, packed,
+                                                 lora_base)
+                assert {name: (w.shape, w.dtype) for name, w in stored.items()} == layout
+
+
+def test_only_a_packed_lora_base_stores_the_embedding_plain_too_and_only_a_step_reads_it(params):
+    assert generate_weights.PLAIN_WTE not in generate_weights.converted(params, "float16", lora_base=True)
+    assert generate_weights.PLAIN_WTE not in generate_weights.converted(params, "float16", packed=True)
+    stored = generate_weights.converted(params, "float16", packed=True, lora_base=True)
+    assert generate_weights.PLAIN_WTE not in generate_weights.computed(stored)
+    np.testing.assert_array_equal(generate_weights.computed(stored, step=True)[generate_weights.PLAIN_WTE],
+                                  generate_weights.unpacked(stored)["wte"])
 
 
 @pytest.mark.parametrize("weights_format,tile_rank", [("float16", 3), ("int8", 4)])

@@ -186,3 +186,17 @@ def test_lora_adapter_gradient_by_blocks_equals_autodiff():
         plain = jax.grad(lambda u, b: jnp.sum(jnp.einsum("...r,fr->...f", u, b) * weights), argnums=(0, 1))(u, b)
         for got, want in zip(ours, plain):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_a_frozen_lm_head_passes_back_autodiff_s_gradient_for_x():
+    # _frozen_lm_head's backward sums the vocabulary by chunks (IREE runs one
+    # product reduced over 50304 slowly): a whole number of chunks and not.
+    rng = np.random.default_rng(0)
+    for vocab in (3 * model.VOCAB_CHUNK, model.VOCAB_CHUNK + 300):
+        x = rng.standard_normal((2, 5, 64)).astype(np.float32)
+        wte = rng.standard_normal((vocab, 64)).astype(np.float32)
+        upstream = rng.standard_normal((2, 5, vocab)).astype(np.float32)
+        logits, ours = jax.vjp(lambda x: model._frozen_lm_head(x, wte), x)
+        plain_logits, plain = jax.vjp(lambda x: jnp.einsum("...e,fe->...f", x, wte), x)
+        np.testing.assert_array_equal(logits, plain_logits)
+        np.testing.assert_allclose(ours(upstream)[0], plain(upstream)[0], rtol=1e-4, atol=1e-3)
