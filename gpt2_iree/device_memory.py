@@ -151,7 +151,7 @@ def cache_in_large_folios(path: Path) -> None:
     reads, which the kernel caches in folios of up to 2 MB and maps with one
     TLB entry each. A decode step reads every weight of a mapped archive: in
     4 KB pages that is 61 thousand TLB misses a token for 124M's float16, and
-    the export's writes leave it so. 124M float16 decode 17.4-17.8 -> 14.9-15.3
+    the export's writes leave it so. 124M float16 decode 17.4-17.8 -> 15.1-15.4
     ms (docs/PERFORMANCE.md). Pages another process maps stay as they are;
     where posix_fadvise is missing (macOS), nothing happens."""
     if not hasattr(os, "posix_fadvise"):

@@ -51,7 +51,6 @@ def test_a_result_read_back_is_a_copy_on_either_device(vulkan):
         assert device_memory.to_numpy(device, result).tolist() == [0, 1, 2, 3]
 
 
-
 @pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage").is_dir(), reason="Linux with huge pages only")
 def test_an_archive_read_back_into_large_folios_is_mapped_in_2_mb_pages(tmp_path):
     """A decode step reads every weight of a mapped archive: in 2 MB pages a
